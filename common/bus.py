@@ -1,0 +1,127 @@
+"""The Redis side of fanout: logged and ephemeral deliveries to users, and conversation queues.
+
+A logged delivery (SPEC §2) runs one script per user that, atomically, assigns the
+next seq, appends the frame to the user's bounded delivery log and publishes it.
+Publication order is therefore seq order. A delivery key makes the script
+idempotent: a message re-processed after a worker crash keeps its first seq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.config import Settings
+from common.keys import Keys
+from common.protocol import skip_device
+
+# The seq counter outlives the log so that seqs never restart while a client may
+# still hold an old one; 30 days of silence resets a user to seq 1.
+SEQ_TTL = 30 * 86400
+
+# KEYS: seq, log, delivered-marker, channel
+# ARGV: frame body without its leading "{", log maxlen, log ttl, seq ttl, dedupe 0/1,
+#       publish command (PUBLISH or SPUBLISH)
+_DELIVER = """
+if ARGV[5] == '1' then
+  local known = redis.call('GET', KEYS[3])
+  if known then return tonumber(known) end
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if seq == 1 then redis.call('DEL', KEYS[2]) end
+local frame = '{"seq":' .. seq .. ',' .. ARGV[1]
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[5] == '1' then redis.call('SET', KEYS[3], seq, 'EX', ARGV[3]) end
+redis.call(ARGV[6], KEYS[4], frame)
+return seq
+"""
+
+
+async def connect_redis(settings: Settings) -> aioredis.Redis:
+    """A pooled client for commands (not pub/sub: see common/pubsub.py)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=False,
+        health_check_interval=15,
+        socket_connect_timeout=5,
+        max_connections=256,
+    )
+
+
+class Bus:
+    """Deliveries to user channels and entries on conversation partition streams."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self._maxlen = str(settings.user_log_maxlen)
+        self._log_ttl = str(settings.user_log_ttl)
+        self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
+        self._deliver = redis.register_script(_DELIVER)
+
+    async def deliver(
+        self, user_ids: Iterable[str], body: bytes, delivery_key: str | None = None
+    ) -> dict[str, int]:
+        """Log and publish a seq frame to each user; returns each user's seq for it.
+
+        `body` is an encoded frame without its leading ``{``. With a `delivery_key`
+        the same delivery made twice keeps its first seq and is published once.
+        """
+        users = list(dict.fromkeys(user_ids))
+        if not users:
+            return {}
+        dedupe = "1" if delivery_key else "0"
+        marker = delivery_key or "-"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                await self._deliver(
+                    keys=[
+                        self.keys.seq(user),
+                        self.keys.log(user),
+                        self.keys.delivered(user, marker),
+                        self.keys.user_channel(user),
+                    ],
+                    args=[body, self._maxlen, self._log_ttl, SEQ_TTL, dedupe, self._publish],
+                    client=pipe,
+                )
+            seqs = await pipe.execute()
+        return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
+
+    async def publish(
+        self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
+    ) -> None:
+        """Publish an ephemeral frame (no seq) to users; `skip` = (user, device) not echoed to."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in dict.fromkeys(user_ids):
+                payload = frame
+                if skip is not None and skip[0] == user:
+                    payload = skip_device(frame, skip[1])
+                pipe.execute_command(self._publish, self.keys.user_channel(user), payload)
+            await pipe.execute()
+
+    async def current_seq(self, user_id: str) -> int:
+        raw = await self.redis.get(self.keys.seq(user_id))
+        return int(raw) if raw else 0
+
+    async def log_after(self, user_id: str, after: int, upto: int | None = None) -> list[bytes]:
+        """Logged frames of a user with seq > after (and <= upto), oldest first."""
+        end = "+" if upto is None else f"{upto}-0"
+        entries: Any = await self.redis.xrange(
+            self.keys.log(user_id), min=f"{after + 1}-0", max=end
+        )
+        return [fields[b"f"] for _, fields in entries]
+
+    async def oldest_logged_seq(self, user_id: str) -> int | None:
+        entries: Any = await self.redis.xrange(self.keys.log(user_id), count=1)
+        if not entries:
+            return None
+        return int(entries[0][0].split(b"-")[0])
+
+    async def enqueue(self, partition: int, entry: bytes) -> bytes:
+        """Append client input to a conversation partition stream; the id once durable."""
+        entry_id: Any = await self.redis.xadd(self.keys.partition_stream(partition), {"c": entry})
+        return bytes(entry_id)

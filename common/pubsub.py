@@ -1,0 +1,277 @@
+"""A lean Redis pub/sub subscriber: one connection, batched (P)SUBSCRIBE, auto-reconnect.
+
+It is written on asyncio's Protocol and hiredis rather than redis-py's PubSub because
+the node needs three things that one hides: messages handed over synchronously as
+they are parsed (no queue, no task per message), subscription confirmations it can
+await (so `welcome.last_seq` is read only once the channel is live), and a hook
+after each reconnect (so the node can repair the gap it may have missed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import hiredis
+from redis.connection import SSLConnection, parse_url
+
+log = logging.getLogger("fanout.pubsub")
+
+MessageHandler = Callable[[bytes, bytes], None]
+
+
+def _command(*args: bytes | str) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: Subscriber) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        handle = self._owner._on_reply
+        while (reply := self._reader.gets()) is not False:
+            handle(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class Subscriber:
+    """Owns one pub/sub connection and the set of channels and patterns it should hold.
+
+    `on_message(channel, data)` runs inside the read callback: it must not block.
+    `on_resubscribed()` runs after a reconnect has restored every subscription.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_message: MessageHandler,
+        *,
+        on_resubscribed: Callable[[], None] | None = None,
+        ping_interval: float = 5.0,
+        sharded: bool = False,
+    ) -> None:
+        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+        self._ping_interval = ping_interval
+        self._sub_cmd, self._unsub_cmd = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
+        self._channels: set[bytes] = set()
+        self._patterns: dict[bytes, asyncio.Future[None]] = {}
+        self._pending: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._inflight: dict[bytes, deque[list[asyncio.Future[None]]]] = {}
+        self._unsub_pending: set[bytes] = set()
+        self._flush_scheduled = False
+        self._proto: _Protocol | None = None
+        self._connected = asyncio.Event()
+        self._pong = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def __aenter__(self) -> Subscriber:
+        self._task = asyncio.create_task(self._run(), name="pubsub")
+        await asyncio.wait_for(self._connected.wait(), timeout=30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._proto and self._proto.transport:
+            self._proto.transport.close()
+        for futures in [*self._pending.values(), *(f for q in self._inflight.values() for f in q)]:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- subscriptions --------------------------------------------------------------------
+    async def subscribe(self, channels: Iterable[bytes]) -> None:
+        """Subscribe (batched with other calls in the same loop turn); returns once live."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in channels:
+            self._channels.add(channel)
+            self._unsub_pending.discard(channel)
+            fut: asyncio.Future[None] = loop.create_future()
+            self._pending.setdefault(channel, []).append(fut)
+            waits.append(fut)
+        self._schedule_flush()
+        if waits:
+            await asyncio.gather(*waits)
+
+    def unsubscribe(self, channels: Iterable[bytes]) -> None:
+        """Drop channels; confirmation is not awaited."""
+        for channel in channels:
+            self._channels.discard(channel)
+            if channel not in self._pending:
+                self._unsub_pending.add(channel)
+        self._schedule_flush()
+
+    async def psubscribe(self, pattern: bytes) -> None:
+        """Subscribe to a pattern; returns once live."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._patterns[pattern] = fut
+        if self._connected.is_set():
+            self._write(_command(b"PSUBSCRIBE", pattern))
+        await fut
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._connected.is_set():
+            return  # the reconnect restores everything in `_channels` and `_pending`
+        if self._unsub_pending:
+            self._write(_command(self._unsub_cmd, *self._unsub_pending))
+            self._unsub_pending.clear()
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for channel, futures in pending.items():
+                self._inflight.setdefault(channel, deque()).append(futures)
+            self._write(_command(self._sub_cmd, *pending))
+
+    def _write(self, data: bytes) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.write(data)
+
+    # -- replies --------------------------------------------------------------------------
+    def _on_reply(self, reply: Any) -> None:
+        if not isinstance(reply, list):
+            if isinstance(reply, hiredis.ReplyError):
+                log.error("redis pub/sub error: %s", reply)
+            return
+        kind = reply[0]
+        if kind == b"message" or kind == b"smessage":
+            self._on_message(reply[1], reply[2])
+        elif kind == b"pmessage":
+            self._on_message(reply[2], reply[3])
+        elif kind == b"subscribe" or kind == b"ssubscribe":
+            queue = self._inflight.get(reply[1])
+            if queue:
+                for fut in queue.popleft():
+                    if not fut.done():
+                        fut.set_result(None)
+                if not queue:
+                    del self._inflight[reply[1]]
+        elif kind == b"psubscribe":
+            waiter = self._patterns.get(reply[1])
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif kind == b"pong":
+            self._pong.set()
+
+    # -- connection -----------------------------------------------------------------------
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        p = self._params
+        proto = _Protocol(self)
+        if "path" in p:
+            await loop.create_unix_connection(lambda: proto, p["path"])
+        else:
+            tls = (
+                ssl.create_default_context() if p.get("connection_class") is SSLConnection else None
+            )
+            await loop.create_connection(
+                lambda: proto, p.get("host", "127.0.0.1"), p.get("port", 6379), ssl=tls
+            )
+        if p.get("password"):
+            auth = [p["username"], p["password"]] if p.get("username") else [p["password"]]
+            assert proto.transport is not None
+            proto.transport.write(_command(b"AUTH", *auth))
+        return proto
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                self._proto = await asyncio.wait_for(self._connect(), timeout=5)
+            except (OSError, TimeoutError) as exc:
+                log.warning("redis pub/sub connect failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.05
+            resumed = self.reconnects > 0
+            self._restore()
+            self._connected.set()
+            if resumed and self._on_resubscribed is not None:
+                self._on_resubscribed()
+            await self._watch(self._proto)
+            self._connected.clear()
+            self.reconnects += 1
+            log.warning("redis pub/sub connection lost; reconnecting")
+
+    def _restore(self) -> None:
+        """After (re)connecting: subscribe every wanted channel and pattern again."""
+        for channel, queue in self._inflight.items():
+            for futures in queue:
+                self._pending.setdefault(channel, []).extend(futures)
+        self._inflight.clear()
+        for channel in self._channels:
+            self._pending.setdefault(channel, [])
+        for channel in [c for c in self._pending if c not in self._channels]:
+            for fut in self._pending.pop(channel):
+                if not fut.done():
+                    fut.set_result(None)  # unsubscribed meanwhile: nothing to wait for
+        self._unsub_pending.clear()
+        self._flush_scheduled = False
+        self._connected.set()
+        self._flush()
+        for pattern in self._patterns:
+            self._write(_command(b"PSUBSCRIBE", pattern))
+
+    async def _watch(self, proto: _Protocol) -> None:
+        """Return when the connection drops; a PING unanswered for long counts as a drop."""
+        while not proto.lost.done():
+            self._pong.clear()
+            self._write(_command(b"PING"))
+            pong: asyncio.Future[Any] = asyncio.ensure_future(self._pong.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    [pong, proto.lost],
+                    timeout=self._ping_interval * 2,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                pong.cancel()
+            if proto.lost.done():
+                return
+            if pong not in done:
+                log.warning("redis pub/sub PING unanswered; dropping the connection")
+                if proto.transport is not None:
+                    proto.transport.abort()
+                await proto.lost
+                return
+            await asyncio.wait([proto.lost], timeout=self._ping_interval)

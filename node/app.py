@@ -1,0 +1,118 @@
+"""The node application: its resources as one cleanup context, its routes, its drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from common.auth import TokenVerifier
+from common.bus import Bus, connect_redis
+from common.config import Settings
+from common.keys import Keys
+from common.protocol import CloseCode
+from common.pubsub import Subscriber
+from common.sessions import SessionDirectory
+from common.store import Store
+from node import api
+from node.hub import Hub
+from node.metrics import NodeMetrics
+from node.presence import DeviceRegistry
+from node.state import STATE, NodeState
+from node.ws import websocket
+
+log = logging.getLogger("fanout.node")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """A node app; its resources open on startup and close on cleanup."""
+    settings.require_jwt()
+    app = web.Application(middlewares=[api.api_errors], client_max_size=1024 * 1024)
+    app.cleanup_ctx.append(_resources(settings))
+    app.on_shutdown.append(_close_sockets)
+    app.router.add_get("/ws", websocket)
+    api.add_routes(app)
+    return app
+
+
+def _resources(settings: Settings):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        keys = Keys(settings.namespace)
+        redis = await connect_redis(settings)
+        try:
+            async with Store.open(settings.database_url, max_size=20) as store:
+                bus = Bus(redis, settings)
+                hub = Hub(bus, keys, mode=settings.subscription_mode)
+                metrics = NodeMetrics()
+                hub.on_delivered = metrics.deliveries.inc
+                devices = DeviceRegistry(
+                    redis,
+                    keys,
+                    node_id=settings.node_id,
+                    lease_ttl=settings.lease_ttl,
+                    max_devices=settings.max_devices,
+                )
+                state = NodeState(
+                    settings=settings,
+                    keys=keys,
+                    verifier=TokenVerifier(settings),
+                    redis=redis,
+                    bus=bus,
+                    store=store,
+                    sessions=SessionDirectory(redis, store, keys),
+                    hub=hub,
+                    devices=devices,
+                    metrics=metrics,
+                    started_at=time.time(),
+                )
+                app[STATE] = state
+                subscriber = Subscriber(
+                    settings.redis_url,
+                    hub.on_message,
+                    on_resubscribed=hub.repair_all,
+                    sharded=settings.redis_cluster,
+                )
+                async with subscriber:
+                    hub.attach(subscriber)
+                    if settings.subscription_mode == "pattern":
+                        await subscriber.psubscribe(keys.user_channel_pattern.encode())
+                    refresher = asyncio.create_task(_refresh_devices(state), name="devices")
+                    try:
+                        yield
+                    finally:
+                        refresher.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await refresher
+                        await hub.close()
+        finally:
+            await redis.aclose()
+
+    return ctx
+
+
+async def _refresh_devices(state: NodeState) -> None:
+    """Keep this node's device leases alive; a dead node's devices expire with them."""
+    interval = state.settings.lease_ttl / 3
+    while True:
+        await asyncio.sleep(interval)
+        held = [(c.user_id, c.device_id) for c in state.hub.connections()]
+        try:
+            await state.devices.refresh(held)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("device lease refresh failed: %s", exc)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """Shutdown: every client is told 1001 so it reconnects to another node."""
+    state = app[STATE]
+    state.draining = True
+    conns = list(state.hub.connections())
+    for conn in conns:
+        conn.close(CloseCode.GOING_AWAY, "node shutting down")
+    await asyncio.sleep(0)

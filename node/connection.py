@@ -1,0 +1,154 @@
+"""One client WebSocket: a bounded outbound queue drained by one writer task, and a rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+
+from aiohttp import WSMsgType, web
+
+from common.protocol import CloseCode
+
+log = logging.getLogger("fanout.node")
+
+# A peer that does not read our close frame within this time is cut (SPEC §4).
+CLOSE_TIMEOUT = 10.0
+
+
+class RateLimiter:
+    """Token bucket of client frames, plus flood detection (over 5× the rate for 10 s)."""
+
+    FLOOD_FACTOR = 5
+    FLOOD_WINDOW = 10.0
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._window_start = self._stamp
+        self._window_frames = 0
+        self._last_error = 0.0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if now - self._window_start >= self.FLOOD_WINDOW:
+            self._window_start, self._window_frames = now, 0
+        self._window_frames += 1
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        limit = self._rate * self.FLOOD_FACTOR * self.FLOOD_WINDOW
+        return self._window_frames > limit
+
+    def should_report(self) -> bool:
+        """At most one RATE_LIMIT error per second per connection."""
+        now = time.monotonic()
+        if now - self._last_error >= 1.0:
+            self._last_error = now
+            return True
+        return False
+
+
+class Connection:
+    """A device's socket. `send` never blocks: frames queue up to a byte bound.
+
+    Past the bound the connection is closed with 1013 instead of growing: a slow
+    consumer must not hold node memory or delay the other sockets (SPEC §4).
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        *,
+        conn_id: str,
+        user_id: str,
+        device_id: str,
+        session_id: str | None,
+        queue_limit: int,
+    ) -> None:
+        self.ws = ws
+        self._transport = transport
+        self.conn_id = conn_id
+        self.user_id = user_id
+        self.device_id = device_id
+        self.session_id = session_id
+        # Logged frames with seq <= floor were sent before this connection joined.
+        self.floor = 0
+        self.connected_at = time.time()
+        self._limit = queue_limit
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self.slow_closed = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.conn_id}")
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; over the bound, close the connection with 1013 (try again later)."""
+        if self._closing:
+            return
+        self._queued += len(frame)
+        if self._queued > self._limit:
+            self.slow_closed = True
+            self.close(CloseCode.TRY_AGAIN, "slow consumer")
+            return
+        self._queue.append(frame)
+        self._wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+        self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=reason.encode())
+        except (TimeoutError, ConnectionError, RuntimeError):
+            if self._transport is not None:
+                self._transport.abort()
+
+    async def _write_loop(self) -> None:
+        queue, ws = self._queue, self.ws
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while queue:
+                frame = queue.popleft()
+                self._queued -= len(frame)
+                await ws.send_frame(frame, WSMsgType.TEXT)
+
+    async def stop(self) -> None:
+        """Cancel and await the owned tasks (called once the socket is done)."""
+        self._closing = True
+        for task in (self._writer, self._closer):
+            if task is None:
+                continue
+            if task is self._writer:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

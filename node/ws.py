@@ -1,0 +1,210 @@
+"""GET /ws: authenticate before the upgrade, then one receive loop per socket (SPEC §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from aiohttp import WSMsgType, web
+
+from common.auth import AuthError, Identity
+from common.errors import SERVICE_DOWN
+from common.protocol import (
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    encode,
+    error_frame,
+    is_session_id,
+    is_valid_device_id,
+    parse_client_frame,
+)
+from node.connection import Connection, RateLimiter
+from node.router import route
+from node.state import STATE, NodeState
+
+log = logging.getLogger("fanout.node")
+
+
+def refuse(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.query.get("token") if allow_query else None
+
+
+def origin_allowed(state: NodeState, request: web.Request) -> bool:
+    allowed = state.settings.allowed_origins
+    origin = request.headers.get("Origin")
+    return allowed is None or origin is None or origin.rstrip("/") in allowed
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    metrics = state.metrics
+    if state.draining:
+        return refuse(503, "UNAVAILABLE", "node is draining; connect to another node")
+    if not origin_allowed(state, request):
+        metrics.refused_total.labels("403").inc()
+        return refuse(403, "FORBIDDEN", "origin not allowed")
+    try:
+        identity = state.verifier.verify(bearer_token(request, allow_query=True))
+    except AuthError as exc:
+        metrics.refused_total.labels("401").inc()
+        return refuse(401, "UNAUTHORIZED", str(exc))
+    device_id = request.query.get("device_id", "")
+    if not is_valid_device_id(device_id):
+        return refuse(400, "BAD_REQUEST", "device_id must be 1-64 chars of [A-Za-z0-9._-]")
+    session_id = request.query.get("session_id")
+    if session_id is not None and not is_session_id(session_id):
+        return refuse(400, "BAD_REQUEST", "session_id must be a UUID")
+    last_seq_raw = request.query.get("last_seq")
+    last_seq = None
+    if last_seq_raw is not None:
+        if not last_seq_raw.isdigit():
+            return refuse(400, "BAD_REQUEST", "last_seq must be a non-negative integer")
+        last_seq = int(last_seq_raw)
+
+    conn_id = uuid.uuid4().hex
+    try:
+        claim = await state.devices.claim(identity.user_id, device_id, conn_id)
+    except SERVICE_DOWN:
+        return refuse(503, "UNAVAILABLE", "backing service unavailable; retry")
+    if claim < 0:
+        metrics.refused_total.labels("429").inc()
+        return refuse(429, "TOO_MANY_DEVICES", "the user has the maximum devices connected")
+
+    ws = web.WebSocketResponse(
+        heartbeat=state.settings.heartbeat,
+        max_msg_size=state.settings.max_frame,
+        compress=False,
+    )
+    conn = Connection(
+        ws,
+        request.transport,
+        conn_id=conn_id,
+        user_id=identity.user_id,
+        device_id=device_id,
+        session_id=session_id,
+        queue_limit=state.settings.send_queue_bytes,
+    )
+    try:
+        await ws.prepare(request)
+        metrics.connections_total.inc()
+        metrics.connections_active.inc()
+        try:
+            await _serve(state, conn, identity, claim == 1, last_seq)
+        finally:
+            metrics.connections_active.dec()
+    finally:
+        state.hub.leave(conn)
+        await conn.stop()
+        if conn.slow_closed:
+            metrics.slow_consumer_closes.inc()
+        await _release(state, conn)
+    return ws
+
+
+async def _serve(
+    state: NodeState,
+    conn: Connection,
+    identity: Identity,
+    came_online: bool,
+    last_seq: int | None,
+) -> None:
+    conn.start()
+
+    def greet(newest: int) -> None:
+        conn.send(
+            encode(
+                {
+                    "type": "welcome",
+                    "connection_id": conn.conn_id,
+                    "node_id": state.settings.node_id,
+                    "user_id": conn.user_id,
+                    "device_id": conn.device_id,
+                    "last_seq": newest,
+                    "heartbeat": state.settings.heartbeat,
+                }
+            )
+        )
+
+    try:
+        await state.hub.join(conn, greet, last_seq)
+    except SERVICE_DOWN:
+        conn.close(CloseCode.TRY_AGAIN, "backing service unavailable")
+        return
+    if came_online:
+        await _presence(state, conn, "online")
+    await _receive(state, conn, identity)
+
+
+async def _receive(state: NodeState, conn: Connection, identity: Identity) -> None:
+    settings = state.settings
+    limiter = RateLimiter(settings.rate, settings.rate_burst)
+    counted = state.metrics.messages_total
+    expiry = asyncio.get_running_loop().call_at(
+        asyncio.get_running_loop().time() + max(identity.expires_at - time.time(), 0),
+        conn.close,
+        CloseCode.POLICY,
+        "token expired",
+    )
+    try:
+        async for msg in conn.ws:
+            if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
+                continue
+            if not limiter.allow():
+                if limiter.flooding:
+                    conn.close(CloseCode.POLICY, "flooding")
+                    return
+                if limiter.should_report():
+                    conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
+                continue
+            await _handle(state, conn, msg.data)
+            counted.labels("in", "frame").inc()
+    finally:
+        expiry.cancel()
+
+
+async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None:
+    frame_id: str | None = None
+    try:
+        frame = parse_client_frame(data, conn.session_id, state.settings.max_content)
+        frame_id = getattr(frame, "id", None)
+        await route(state, conn, frame)
+    except ProtocolError as exc:
+        conn.send(error_frame(exc.code, exc.message, exc.frame_id))
+    except SERVICE_DOWN:
+        conn.send(error_frame(ErrorCode.UNAVAILABLE, "backing service unavailable", frame_id))
+    except Exception:
+        log.exception("frame from %s/%s failed", conn.user_id, conn.device_id)
+        conn.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", frame_id))
+
+
+async def _presence(state: NodeState, conn: Connection, status: str) -> None:
+    frame = encode(
+        {
+            "type": "presence",
+            "user_id": conn.user_id,
+            "device_id": conn.device_id,
+            "status": status,
+        }
+    )
+    try:
+        await state.bus.publish([conn.user_id], frame, skip=(conn.user_id, conn.device_id))
+    except SERVICE_DOWN:
+        log.warning("presence %s for %s not published: redis unavailable", status, conn.user_id)
+
+
+async def _release(state: NodeState, conn: Connection) -> None:
+    try:
+        if await state.devices.release(conn.user_id, conn.device_id, conn.conn_id):
+            await _presence(state, conn, "offline")
+    except SERVICE_DOWN:
+        pass  # the device's lease expires by itself

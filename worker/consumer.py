@@ -1,0 +1,255 @@
+"""One owned partition stream, read through the consumer group and processed in order.
+
+Within a batch, conversations run concurrently and each conversation's entries run
+one after another. An entry is acknowledged only after its Postgres commit. When a
+backing service is down the entry is retried in place (not counted as a failure);
+any other failure leaves it and the rest of its conversation pending, to be read
+again, and after `max_attempts` deliveries it goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from common.config import Settings
+from common.entries import BadEntry, ChatEntry
+from common.errors import SERVICE_DOWN
+from common.keys import CONSUMER_GROUP, Keys
+from worker.processor import ChatProcessor
+
+log = logging.getLogger("fanout.worker")
+
+BATCH = 100
+RETRY_PAUSE = 0.2
+TRIM_INTERVAL = 1.0
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class PartitionConsumer:
+    def __init__(
+        self,
+        partition: int,
+        *,
+        redis: aioredis.Redis,
+        keys: Keys,
+        settings: Settings,
+        consumer: str,
+        processor: ChatProcessor,
+        limit: asyncio.Semaphore,
+        on_health: Callable[[bool], None],
+    ) -> None:
+        self.partition = partition
+        self._redis = redis
+        self._stream = keys.partition_stream(partition)
+        self._dead = keys.dead_letters(partition)
+        self._settings = settings
+        self._consumer = consumer
+        self._processor = processor
+        self._limit = limit
+        self._on_health = on_health
+        self._stopping = False
+        self.failures = 0
+        self.dead_lettered = 0
+        self._trimmed_at = 0.0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return (graceful release)."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        await self._ensure_group()
+        await self._adopt_orphans()
+        retry_pending = True  # our own PEL may hold entries from before a restart
+        while not self._stopping:
+            if retry_pending:
+                entries = await self._read("0")
+                retry_pending = bool(entries)
+                if not entries:
+                    continue
+            else:
+                entries = await self._read(">", block=500)
+            if entries:
+                retry_pending = not await self._process(entries)
+                if retry_pending:
+                    await asyncio.sleep(RETRY_PAUSE)  # a failing entry is not hammered
+
+    async def _ensure_group(self) -> None:
+        try:
+            # From id 0: input enqueued before any worker ever ran is processed too.
+            await self._redis.xgroup_create(self._stream, CONSUMER_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _adopt_orphans(self) -> None:
+        """Claim entries left pending by earlier owners before reading anything new.
+
+        Order matters: a conversation's old entries must run before its new ones, so
+        this waits until every other consumer's pending entries are idle long enough
+        to be claimed (FANOUT_CLAIM_IDLE), then takes them all.
+        """
+        idle_ms = int(self._settings.claim_idle * 1000)
+        while not self._stopping:
+            start = "0-0"
+            while True:
+                start_raw, _, _ = await self._redis.xautoclaim(
+                    self._stream,
+                    CONSUMER_GROUP,
+                    self._consumer,
+                    idle_ms,
+                    start,
+                    count=BATCH,
+                    justid=True,
+                )
+                start = start_raw.decode() if isinstance(start_raw, bytes) else str(start_raw)
+                if start == "0-0":
+                    break
+            others = [
+                c
+                for c in await self._redis.xinfo_consumers(self._stream, CONSUMER_GROUP)
+                if c["name"].decode() != self._consumer
+            ]
+            if not any(c["pending"] for c in others):
+                for c in others:  # stale consumers of dead or departed workers
+                    await self._redis.xgroup_delconsumer(self._stream, CONSUMER_GROUP, c["name"])
+                return
+            await asyncio.sleep(min(1.0, self._settings.claim_idle / 4))
+
+    async def _read(self, start: str, block: int | None = None) -> list[Entry]:
+        reply: Any = await self._redis.xreadgroup(
+            CONSUMER_GROUP,
+            self._consumer,
+            {self._stream: start},
+            count=BATCH,
+            block=block,
+        )
+        if not reply:
+            return []
+        entries: list[Entry] = reply[0][1]
+        # An entry deleted (trimmed) while pending comes back with no fields: just ack it.
+        gone = [eid for eid, fields in entries if not fields]
+        if gone:
+            await self._redis.xack(self._stream, CONSUMER_GROUP, *gone)
+        return [(eid, fields) for eid, fields in entries if fields]
+
+    async def _process(self, entries: list[Entry]) -> bool:
+        """Process a batch; True if every entry was acknowledged."""
+        conversations: dict[str, list[tuple[bytes, ChatEntry]]] = {}
+        done: list[bytes] = []
+        for entry_id, fields in entries:
+            try:
+                entry = ChatEntry.decode(fields.get(b"c", b""))
+            except BadEntry as exc:
+                await self._dead_letter(entry_id, fields, str(exc))
+                done.append(entry_id)
+                continue
+            conversations.setdefault(entry.session_id, []).append((entry_id, entry))
+        results = await asyncio.gather(
+            *(self._conversation(items) for items in conversations.values())
+        )
+        all_done = True
+        for acked, complete in results:
+            done.extend(acked)
+            all_done = all_done and complete
+        if done:
+            await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
+            await self._trim()
+        return all_done
+
+    async def _conversation(self, items: list[tuple[bytes, ChatEntry]]) -> tuple[list[bytes], bool]:
+        acked: list[bytes] = []
+        async with self._limit:
+            for entry_id, entry in items:
+                try:
+                    await self._with_retry(entry)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not await self._failed(entry_id, entry, exc):
+                        return acked, False  # the rest of this conversation waits
+                acked.append(entry_id)
+        return acked, True
+
+    async def _with_retry(self, entry: ChatEntry) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._processor.handle(entry)
+                self._on_health(True)
+                return
+            except SERVICE_DOWN as exc:
+                if self._stopping:
+                    raise
+                self._on_health(False)
+                log.warning(
+                    "partition %d: backing service unavailable (%s); retrying in %.1fs",
+                    self.partition,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _failed(self, entry_id: bytes, entry: ChatEntry, exc: Exception) -> bool:
+        """Record a failure; True if the entry was dead-lettered (its conversation goes on)."""
+        self.failures += 1
+        info = await self._redis.xpending_range(
+            self._stream, CONSUMER_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        attempts = int(info[0]["times_delivered"]) if info else 1
+        log.error(
+            "partition %d: entry %s failed (attempt %d/%d): %r",
+            self.partition,
+            entry_id.decode(),
+            attempts,
+            self._settings.max_attempts,
+            exc,
+        )
+        if attempts < self._settings.max_attempts:
+            return False
+        await self._dead_letter(entry_id, {b"c": entry.encode()}, repr(exc))
+        return True
+
+    async def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        self.dead_lettered += 1
+        record: dict[Any, Any] = {
+            **fields,
+            b"entry_id": entry_id,
+            b"reason": reason[:1000].encode(),
+            b"at": str(int(time.time() * 1000)).encode(),
+        }
+        await self._redis.xadd(self._dead, record, maxlen=10_000, approximate=True)
+        await self._redis.xack(self._stream, CONSUMER_GROUP, entry_id)
+
+    async def _trim(self) -> None:
+        """Drop acknowledged entries: the stream holds only what is not yet processed."""
+        now = time.monotonic()
+        if now - self._trimmed_at < TRIM_INTERVAL:
+            return
+        self._trimmed_at = now
+        groups = await self._redis.xinfo_groups(self._stream)
+        group = next((g for g in groups if g["name"] == CONSUMER_GROUP.encode()), None)
+        if group is None:
+            return
+        floor: bytes = group["last-delivered-id"]
+        pending = await self._redis.xpending(self._stream, CONSUMER_GROUP)
+        if pending["pending"]:
+            floor = min(floor, pending["min"], key=_stream_id)
+            await self._redis.xtrim(self._stream, minid=floor, approximate=False)
+        else:
+            # Everything up to last-delivered is acknowledged: keep only newer entries.
+            ms, seq = _stream_id(floor)
+            await self._redis.xtrim(self._stream, minid=f"{ms}-{seq + 1}", approximate=False)
+
+
+def _stream_id(raw: bytes) -> tuple[int, int]:
+    ms, _, seq = raw.decode().partition("-")
+    return int(ms), int(seq or 0)

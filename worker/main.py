@@ -1,0 +1,172 @@
+"""`fanout worker`: lease partitions, run a consumer per owned partition, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from common.bus import Bus, connect_redis
+from common.config import Settings
+from common.keys import Keys
+from common.runtime import run, setup_logging, stop_event
+from common.sessions import SessionDirectory
+from common.store import Store
+from worker.assistant import EchoAssistant, ReplyGenerator
+from worker.consumer import PartitionConsumer
+from worker.health import health_app
+from worker.leases import PartitionLeases
+from worker.processor import ChatProcessor
+
+log = logging.getLogger("fanout.worker")
+
+
+class Worker:
+    """Owns the partition consumers of one worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        store: Store,
+        assistant: ReplyGenerator | None = None,
+    ) -> None:
+        self.settings = settings
+        keys = Keys(settings.namespace)
+        self._keys = keys
+        self._redis = redis
+        self.store = store
+        bus = Bus(redis, settings)
+        self.processor = ChatProcessor(
+            store, bus, SessionDirectory(redis, store, keys), assistant or EchoAssistant()
+        )
+        self.leases = PartitionLeases(
+            redis,
+            keys,
+            worker_id=settings.node_id,
+            partitions=settings.partitions,
+            ttl=settings.lease_ttl,
+        )
+        self._limit = asyncio.Semaphore(settings.worker_concurrency)
+        self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
+        self.healthy = True
+        self.draining = False
+        self.started_at = time.time()
+
+    def _set_health(self, ok: bool) -> None:
+        self.healthy = ok
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.settings.lease_ttl / 3
+        try:
+            while not stop.is_set():
+                await self._rebalance()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            self.draining = True
+            await self._drain()
+
+    async def _rebalance(self) -> None:
+        try:
+            workers = await self.leases.live_workers()
+            for partition in await self.leases.renew():
+                log.warning("lost the lease of partition %d", partition)
+                await self._cancel(partition)
+            await self._reap()
+            fair = self.leases.fair_share(workers)
+            for partition in sorted(self.leases.owned, reverse=True)[
+                : max(0, len(self.leases.owned) - fair)
+            ]:
+                consumer, _ = self.consumers[partition]
+                consumer.stop()  # released once its batch is done (see _reap)
+            for partition in await self.leases.acquire(fair):
+                self._start(partition)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("partition rebalance failed: %s", exc)
+            if time.monotonic() > self.leases.valid_until:
+                # Leases may have expired and been taken: stop before doubling up.
+                for partition in list(self.consumers):
+                    await self._cancel(partition)
+                self.leases.owned.clear()
+
+    def _start(self, partition: int) -> None:
+        consumer = PartitionConsumer(
+            partition,
+            redis=self._redis,
+            keys=self._keys,
+            settings=self.settings,
+            consumer=self.settings.node_id,
+            processor=self.processor,
+            limit=self._limit,
+            on_health=self._set_health,
+        )
+        task = asyncio.create_task(consumer.run(), name=f"partition-{partition}")
+        self.consumers[partition] = (consumer, task)
+        log.info("consuming partition %d", partition)
+
+    async def _reap(self) -> None:
+        """Release the partitions of consumers that returned (stopped) or crashed."""
+        for partition, (_, task) in list(self.consumers.items()):
+            if task.done():
+                del self.consumers[partition]
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("partition %d consumer crashed: %r", partition, task.exception())
+                await self.leases.release(partition)
+
+    async def _cancel(self, partition: int) -> None:
+        entry = self.consumers.pop(partition, None)
+        if entry is None:
+            return
+        entry[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await entry[1]
+
+    async def _drain(self) -> None:
+        """Finish in-flight batches within the drain timeout, then give up the leases."""
+        for consumer, _ in self.consumers.values():
+            consumer.stop()
+        tasks = [task for _, task in self.consumers.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.consumers.clear()
+        with contextlib.suppress(Exception):
+            await self.leases.leave()
+
+
+async def serve(settings: Settings) -> None:
+    redis = await connect_redis(settings)
+    try:
+        async with Store.open(
+            settings.database_url, max_size=settings.worker_concurrency + 2
+        ) as store:
+            worker = Worker(settings, redis, store)
+            stop = stop_event()
+            runner: web.AppRunner | None = None
+            if settings.worker_port is not None:
+                runner = web.AppRunner(health_app(worker), access_log=None)
+                await runner.setup()
+                await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
+            log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
+            try:
+                await worker.run(stop)
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+    finally:
+        await redis.aclose()
+    log.info("worker %s stopped", settings.node_id)
+
+
+def main(settings: Settings) -> None:
+    setup_logging()
+    run(serve(settings))

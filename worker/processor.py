@@ -1,0 +1,115 @@
+"""One chat entry, end to end: persist, fan out, and answer (SPEC §2, §5).
+
+Every step is idempotent so an entry processed twice (a worker died before its
+XACK) stores one row and gives each user one seq per message: the insert is keyed
+by (session, sender, client id) and each delivery by the message id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common.bus import Bus
+from common.entries import ChatEntry
+from common.protocol import encode
+from common.sessions import SessionDirectory
+from common.store import MessageRecord, SessionRecord, Store, iso_time
+from worker.assistant import ReplyGenerator
+
+log = logging.getLogger("fanout.worker")
+
+ASSISTANT_ID = "assistant"
+
+
+def _message_body(message: MessageRecord) -> bytes:
+    # Logged frames travel without their leading "{": the delivery script adds the seq.
+    return encode(
+        {"type": "message", "session_id": message.session_id, "message": message.to_json()}
+    )[1:]
+
+
+def session_body(session: SessionRecord) -> bytes:
+    return encode(
+        {
+            "type": "session",
+            "session_id": session.id,
+            "status": session.status,
+            "agent": session.agent,
+            "expires_at": iso_time(session.expires_at),
+        }
+    )[1:]
+
+
+class ChatProcessor:
+    def __init__(
+        self, store: Store, bus: Bus, sessions: SessionDirectory, assistant: ReplyGenerator
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._sessions = sessions
+        self._assistant = assistant
+        self.processed = 0
+
+    async def handle(self, entry: ChatEntry) -> None:
+        """Process one entry; raises on failure (the entry then stays pending)."""
+        async with self._store.conversation(entry.session_id) as conv:
+            session = await conv.lock()
+            if session is None:
+                log.info(
+                    "session %s is gone; dropping message %s", entry.session_id, entry.client_msg_id
+                )
+                return
+            role = await conv.participant_role(entry.user_id) or "user"
+            message, created = await conv.insert_message(
+                client_msg_id=entry.client_msg_id,
+                role=role,
+                user_id=entry.user_id,
+                device_id=entry.device_id,
+                content=entry.content,
+                metadata=entry.metadata,
+            )
+            current = await conv.record_activity(session) if created else session
+        await self._bus.deliver(
+            current.participants, _message_body(message), delivery_key=f"m{message.id}"
+        )
+        if current.version != session.version:
+            await self._sessions.invalidate(current.id)
+            await self._bus.deliver(
+                current.participants,
+                session_body(current),
+                delivery_key=f"s{current.id}.{current.version}",
+            )
+        if role == "user" and current.agent == "ai" and current.status == "running":
+            await self._answer(current, message)
+        self.processed += 1
+
+    async def _answer(self, session: SessionRecord, message: MessageRecord) -> None:
+        reply_key = f"reply:{message.id}"
+        reply = await self._store.find_message(session.id, ASSISTANT_ID, reply_key)
+        if reply is None:
+            reply_id = await self._store.next_message_id()
+            parts: list[str] = []
+            async for chunk in self._assistant.reply(session, message):
+                parts.append(chunk)
+                delta = encode(
+                    {
+                        "type": "message_delta",
+                        "session_id": session.id,
+                        "message_id": reply_id,
+                        "delta": chunk,
+                    }
+                )
+                await self._bus.publish(session.participants, delta)
+            async with self._store.conversation(session.id) as conv:
+                reply, _ = await conv.insert_message(
+                    client_msg_id=reply_key,
+                    role="assistant",
+                    user_id=ASSISTANT_ID,
+                    device_id=None,
+                    content="".join(parts),
+                    metadata=None,
+                    message_id=reply_id,
+                )
+        await self._bus.deliver(
+            session.participants, _message_body(reply), delivery_key=f"m{reply.id}"
+        )
