@@ -99,6 +99,8 @@ class Settings:
         )
         if settings.jwt_secret and settings.jwt_public_key:
             raise ConfigError("set FANOUT_JWT_SECRET or FANOUT_JWT_PUBLIC_KEY, not both")
+        if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
+            raise ConfigError("FANOUT_JWT_SECRET must be at least 32 bytes (HS256, RFC 7518)")
         return replace(settings, **overrides) if overrides else settings
 
     def require_jwt(self) -> None:

@@ -38,11 +38,10 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, owner: Subscriber) -> None:
         self._owner = owner
         self._reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport
         self.lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

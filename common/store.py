@@ -151,7 +151,7 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "INSERT INTO sessions (id, owner, status, agent, metadata, ttl, expires_at)"
-                " VALUES ($1, $2, 'pending', $3, $4::jsonb, $5, now() + make_interval(secs => $5))"
+                " VALUES ($1, $2, 'pending', $3, $4::jsonb, $5, now() + $5::int * interval '1 second')"
                 " RETURNING *",
                 session_id,
                 owner,
@@ -264,7 +264,7 @@ class Conversation:
         start = ", status = 'running', version = version + 1, updated_at = now()"
         row = await self._conn.fetchrow(
             "UPDATE sessions SET last_activity_at = now(),"
-            " expires_at = now() + make_interval(secs => ttl)"
+            " expires_at = now() + ttl * interval '1 second'"
             + (start if session.status == "pending" else "")
             + " WHERE id = $1 RETURNING *",
             self._id,

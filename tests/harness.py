@@ -22,7 +22,7 @@ import orjson
 
 from common.auth import mint_token
 
-SECRET = "test-secret-not-for-production"
+SECRET = "test-secret-not-for-production-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,13 +84,14 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], port: int | None) -> Proc:
         log_path = self.tmp / f"{name}.log"
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
-            env={**os.environ, **self.env, **env, "FANOUT_NODE_ID": name},
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "common.cli", *args],
+                env={**os.environ, **self.env, **env, "FANOUT_NODE_ID": name},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         proc = Proc(name, popen, log_path, port)
         self.procs.append(proc)
         return proc

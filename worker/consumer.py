@@ -98,19 +98,14 @@ class PartitionConsumer:
         """
         idle_ms = int(self._settings.claim_idle * 1000)
         while not self._stopping:
-            start = "0-0"
+            start: Any = "0-0"
             while True:
-                start_raw, _, _ = await self._redis.xautoclaim(
-                    self._stream,
-                    CONSUMER_GROUP,
-                    self._consumer,
-                    idle_ms,
-                    start,
-                    count=BATCH,
-                    justid=True,
+                # Not JUSTID: redis-py drops the cursor from that form's reply.
+                reply: Any = await self._redis.xautoclaim(
+                    self._stream, CONSUMER_GROUP, self._consumer, idle_ms, start, count=BATCH
                 )
-                start = start_raw.decode() if isinstance(start_raw, bytes) else str(start_raw)
-                if start == "0-0":
+                start = reply[0]
+                if start in (b"0-0", "0-0"):
                     break
             others = [
                 c
