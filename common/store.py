@@ -151,7 +151,8 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "INSERT INTO sessions (id, owner, status, agent, metadata, ttl, expires_at)"
-                " VALUES ($1, $2, 'pending', $3, $4::jsonb, $5, now() + $5::int * interval '1 second')"
+                " VALUES ($1, $2, 'pending', $3, $4::jsonb, $5,"
+                " now() + $5::int * interval '1 second')"
                 " RETURNING *",
                 session_id,
                 owner,

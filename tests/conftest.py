@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from common.embedded import Services, local_services
 
 from common.config import Settings
+from common.embedded import Services, local_services
 from common.schema import migrate
 from tests.harness import SECRET, Cluster
 
