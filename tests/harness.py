@@ -248,3 +248,16 @@ async def messages_in_db(database_url: str, session_id: str) -> list[asyncpg.Rec
         )
     finally:
         await conn.close()
+
+
+async def wait_for_lease_holders(
+    redis: Any, keys: Any, *, partitions: int, holders: int, timeout: float = 15
+) -> None:
+    """Wait until the partition leases are spread over `holders` workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owners = await redis.mget([keys.partition_lease(p) for p in range(partitions)])
+        if None not in owners and len(set(owners)) == holders:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"partition leases not spread over {holders} workers")

@@ -119,6 +119,7 @@ class Worker:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("partition %d consumer crashed: %r", partition, task.exception())
                 await self.leases.release(partition)
+                log.info("released partition %d", partition)
 
     async def _cancel(self, partition: int) -> None:
         entry = self.consumers.pop(partition, None)
