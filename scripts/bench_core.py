@@ -67,16 +67,16 @@ async def chatter(
                 {"type": "chat", "id": msg_id, "session_id": session_id, "content": "ping"}
             )
         )
-        acked = False
-        while True:
+        acked = echoed = False
+        while not (acked and echoed):
             frame = orjson.loads((await ws.receive(timeout=30)).data)
             if frame["type"] == "ack" and frame["id"] == msg_id:
                 acks.append(time.perf_counter() - start)
                 acked = True
             elif frame["type"] == "message" and frame["message"]["client_msg_id"] == msg_id:
+                # Can precede the ack: the worker may publish before the node reads XADD's reply.
                 echoes.append(time.perf_counter() - start)
-                assert acked, "message before ack"
-                break
+                echoed = True
 
 
 async def main() -> None:

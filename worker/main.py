@@ -55,6 +55,8 @@ class Worker:
         self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
         self.healthy = True
         self.draining = False
+        # Set when a consumer returns, so its partition is released without waiting a cycle.
+        self._wake = asyncio.Event()
         self.started_at = time.time()
 
     def _set_health(self, ok: bool) -> None:
@@ -64,9 +66,15 @@ class Worker:
         interval = self.settings.lease_ttl / 3
         try:
             while not stop.is_set():
+                self._wake.clear()
                 await self._rebalance()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+                stopping = asyncio.ensure_future(stop.wait())
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait(
+                    [stopping, woken], timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                stopping.cancel()
+                woken.cancel()
         finally:
             self.draining = True
             await self._drain()
@@ -108,6 +116,7 @@ class Worker:
             on_health=self._set_health,
         )
         task = asyncio.create_task(consumer.run(), name=f"partition-{partition}")
+        task.add_done_callback(lambda _: self._wake.set())
         self.consumers[partition] = (consumer, task)
         log.info("consuming partition %d", partition)
 
