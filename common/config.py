@@ -56,6 +56,7 @@ class Settings:
     namespace: str = ""
     worker_port: int | None = None
     worker_concurrency: int = 32
+    db_pool_size: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -93,6 +94,7 @@ class Settings:
             drain_timeout=r.number("FANOUT_DRAIN_TIMEOUT", d.drain_timeout, float, low=0),
             namespace=r.namespace("FANOUT_NAMESPACE"),
             worker_port=r.port("FANOUT_WORKER_PORT"),
+            db_pool_size=r.number("FANOUT_DB_POOL_SIZE", d.db_pool_size, int, low=1, high=1000),
             worker_concurrency=r.number(
                 "FANOUT_WORKER_CONCURRENCY", d.worker_concurrency, int, low=1, high=10_000
             ),

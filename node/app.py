@@ -44,7 +44,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
         keys = Keys(settings.namespace)
         redis = await connect_redis(settings)
         try:
-            async with Store.open(settings.database_url, max_size=20) as store:
+            async with Store.open(settings.database_url, max_size=settings.db_pool_size) as store:
                 bus = Bus(redis, settings)
                 hub = Hub(bus, keys, mode=settings.subscription_mode)
                 metrics = NodeMetrics()

@@ -15,16 +15,18 @@ import redis.asyncio as aioredis
 from common.config import Settings
 from common.embedded import Services, local_services
 from common.schema import migrate
-from tests.harness import SECRET, Cluster
+from tests.harness import ROOT, SECRET, Cluster
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES = "postgresql://127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+def services() -> Iterator[Services]:
     """The shared Redis and Postgres, or embedded ones started for this test run."""
-    data = Path(tmp_path_factory.mktemp("services"))
+    # A stable folder: an embedded Postgres is initialised once and reused across runs.
+    data = ROOT / ".fanout-data" / "tests"
+    data.mkdir(parents=True, exist_ok=True)
     with local_services(data, redis_url=DEFAULT_REDIS, database_url=DEFAULT_POSTGRES) as found:
         yield found
 
@@ -90,6 +92,7 @@ def env(services: Services, database_url: str, namespace: str) -> dict[str, str]
         "FANOUT_DRAIN_TIMEOUT": "5",
         "FANOUT_HEARTBEAT": "5",
         "FANOUT_WORKER_CONCURRENCY": "8",
+        "FANOUT_DB_POOL_SIZE": "4",
     }
 
 

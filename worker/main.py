@@ -156,9 +156,7 @@ class Worker:
 async def serve(settings: Settings) -> None:
     redis = await connect_redis(settings)
     try:
-        async with Store.open(
-            settings.database_url, max_size=settings.worker_concurrency + 2
-        ) as store:
+        async with Store.open(settings.database_url, max_size=settings.db_pool_size) as store:
             worker = Worker(settings, redis, store)
             stop = stop_event()
             runner: web.AppRunner | None = None
