@@ -107,11 +107,10 @@ class Bus:
         raw = await self.redis.get(self.keys.seq(user_id))
         return int(raw) if raw else 0
 
-    async def log_after(self, user_id: str, after: int, upto: int | None = None) -> list[bytes]:
-        """Logged frames of a user with seq > after (and <= upto), oldest first."""
-        end = "+" if upto is None else f"{upto}-0"
+    async def log_after(self, user_id: str, after: int, limit: int | None = None) -> list[bytes]:
+        """Logged frames of a user with seq > after (at most `limit`), oldest first."""
         entries: Any = await self.redis.xrange(
-            self.keys.log(user_id), min=f"{after + 1}-0", max=end
+            self.keys.log(user_id), min=f"{after + 1}-0", max="+", count=limit
         )
         return [fields[b"f"] for _, fields in entries]
 

@@ -140,10 +140,10 @@ def local_services(data_dir: Path, *, redis_url: str, database_url: str) -> Iter
     started: list[str] = []
     with contextlib.ExitStack() as stack:
         if not redis_answers(redis_url):
-            stack.enter_context(_embedded_redis(data_dir, redis_url))
+            stack.enter_context(embedded_redis(data_dir, redis_url))
             started.append("redis")
         if not postgres_answers(database_url):
-            stack.enter_context(_embedded_postgres(data_dir, database_url))
+            stack.enter_context(embedded_postgres(data_dir, database_url))
             started.append("postgres")
         yield Services(redis_url, database_url, tuple(started))
 
@@ -280,7 +280,7 @@ def _wait_until_answers(
 
 
 @contextlib.contextmanager
-def _embedded_redis(data_dir: Path, url: str) -> Iterator[None]:
+def embedded_redis(data_dir: Path, url: str) -> Iterator[None]:
     parts = urlsplit(url)
     host, port = _local_address(parts, "Redis", REDIS_PORT)
     folder = data_dir / "redis"
@@ -320,7 +320,7 @@ def _redis_server() -> str:
 
 
 @contextlib.contextmanager
-def _embedded_postgres(data_dir: Path, url: str) -> Iterator[None]:
+def embedded_postgres(data_dir: Path, url: str) -> Iterator[None]:
     parts = urlsplit(url)
     host, port = _local_address(parts, "Postgres", POSTGRES_PORT)
     account = _server_account(data_dir / "postgres" / "pgdata")

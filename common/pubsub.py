@@ -16,6 +16,7 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import hiredis
@@ -24,6 +25,11 @@ from redis.connection import SSLConnection, parse_url
 log = logging.getLogger("fanout.pubsub")
 
 MessageHandler = Callable[[bytes, bytes], None]
+
+
+def _resolve(waiter: asyncio.Future[None], _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _command(*args: bytes | str) -> bytes:
@@ -162,8 +168,9 @@ class Subscriber:
             self._write(_command(self._sub_cmd, *pending))
 
     def _write(self, data: bytes) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.write(data)
+        transport = self._proto.transport if self._proto is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     # -- replies --------------------------------------------------------------------------
     def _on_reply(self, reply: Any) -> None:
@@ -216,15 +223,19 @@ class Subscriber:
         while True:
             try:
                 self._proto = await asyncio.wait_for(self._connect(), timeout=5)
+                live = self._restore()
+                resumed = self.reconnects > 0
+                # On a reconnect, the gap repair may start only once every channel is live
+                # again: a repair that read the log earlier could miss what came between.
+                if not await self._confirmed(live, self._proto):
+                    raise ConnectionResetError("dropped while resubscribing")
             except (OSError, TimeoutError) as exc:
+                self._connected.clear()
                 log.warning("redis pub/sub connect failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.05
-            resumed = self.reconnects > 0
-            self._restore()
-            self._connected.set()
             if resumed and self._on_resubscribed is not None:
                 self._on_resubscribed()
             await self._watch(self._proto)
@@ -232,14 +243,21 @@ class Subscriber:
             self.reconnects += 1
             log.warning("redis pub/sub connection lost; reconnecting")
 
-    def _restore(self) -> None:
-        """After (re)connecting: subscribe every wanted channel and pattern again."""
+    def _restore(self) -> list[asyncio.Future[None]]:
+        """After (re)connecting: subscribe every wanted channel and pattern again.
+
+        Returns futures that resolve as Redis confirms each of them.
+        """
+        loop = asyncio.get_running_loop()
         for channel, queue in self._inflight.items():
             for futures in queue:
                 self._pending.setdefault(channel, []).extend(futures)
         self._inflight.clear()
+        live: list[asyncio.Future[None]] = []
         for channel in self._channels:
-            self._pending.setdefault(channel, [])
+            fut: asyncio.Future[None] = loop.create_future()
+            self._pending.setdefault(channel, []).append(fut)
+            live.append(fut)
         for channel in [c for c in self._pending if c not in self._channels]:
             for fut in self._pending.pop(channel):
                 if not fut.done():
@@ -249,7 +267,29 @@ class Subscriber:
         self._connected.set()
         self._flush()
         for pattern in self._patterns:
+            confirmed: asyncio.Future[None] = loop.create_future()
+            earlier = self._patterns[pattern]
+            if not earlier.done():
+                confirmed.add_done_callback(partial(_resolve, earlier))
+            self._patterns[pattern] = confirmed
+            live.append(confirmed)
             self._write(_command(b"PSUBSCRIBE", pattern))
+        return live
+
+    async def _confirmed(self, live: list[asyncio.Future[None]], proto: _Protocol) -> bool:
+        """Wait for the confirmations; False if the connection dropped (or hung) first."""
+        if not live:
+            return True
+        # Not cancelled on failure: the futures move to the next attempt and resolve then.
+        everything = asyncio.gather(*live, return_exceptions=True)
+        done, _ = await asyncio.wait(
+            [everything, proto.lost], timeout=30, return_when=asyncio.FIRST_COMPLETED
+        )
+        if everything in done:
+            return True
+        if proto.transport is not None:
+            proto.transport.abort()
+        return False
 
     async def _watch(self, proto: _Protocol) -> None:
         """Return when the connection drops; a PING unanswered for long counts as a drop."""

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
@@ -76,6 +77,7 @@ class Connection:
         device_id: str,
         session_id: str | None,
         queue_limit: int,
+        on_slow_close: Callable[[], None] = lambda: None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -90,10 +92,11 @@ class Connection:
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self.slow_closed = False
+        self._on_slow_close = on_slow_close
 
     @property
     def closing(self) -> bool:
@@ -108,11 +111,18 @@ class Connection:
             return
         self._queued += len(frame)
         if self._queued > self._limit:
-            self.slow_closed = True
+            self._on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
             return
         self._queue.append(frame)
         self._wake.set()
+
+    async def send_paced(self, frame: bytes) -> None:
+        """Queue a frame once the queue is under half its bound (replays: no 1013 for those)."""
+        while self._queued > self._limit // 2 and not self._closing:
+            self._drained.clear()
+            await self._drained.wait()
+        self.send(frame)
 
     def close(self, code: int, reason: str) -> None:
         """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
@@ -120,6 +130,7 @@ class Connection:
             return
         self._closing = True
         self._queue.clear()
+        self._drained.set()  # releases a paced replay
         if self._writer is not None:
             self._writer.cancel()
         self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
@@ -141,6 +152,7 @@ class Connection:
                 frame = queue.popleft()
                 self._queued -= len(frame)
                 await ws.send_frame(frame, WSMsgType.TEXT)
+            self._drained.set()
 
     async def stop(self) -> None:
         """Cancel and await the owned tasks (called once the socket is done)."""

@@ -25,12 +25,14 @@ log = logging.getLogger("fanout.node")
 # Frames held per user while its seq stream is being synced or repaired. Past it the
 # newest are dropped too: they are in the log and the repair reads them from there.
 MAX_HELD = 1024
+# Log entries read per round trip while replaying to a resuming connection.
+REPLAY_BATCH = 256
 
 
 class LocalUser:
     """One user's connections on this node and the seq this node delivered up to."""
 
-    __slots__ = ("connections", "held", "last_seq", "ready", "repair", "user_id")
+    __slots__ = ("connections", "held", "joining", "last_seq", "ready", "repair", "user_id")
 
     def __init__(self, user_id: str, ready: asyncio.Future[None]) -> None:
         self.user_id = user_id
@@ -40,6 +42,8 @@ class LocalUser:
         self.held: list[tuple[int, bytes]] = []
         self.ready = ready
         self.repair: asyncio.Task[None] | None = None
+        # Connections between "user found" and "appended": they keep the user subscribed.
+        self.joining = 0
 
     def write(self, seq: int, frame: bytes) -> None:
         for conn in self.connections:
@@ -90,40 +94,39 @@ class Hub:
                 user.ready.exception()  # mark retrieved: there may be no other joiner
                 raise
             user.ready.set_result(None)
-        else:
+        user.joining += 1
+        try:
             await asyncio.shield(user.ready)
-        newest = await self._bus.current_seq(conn.user_id)
-        assert user.last_seq is not None
-        replay: list[bytes] = []
-        replayed_to = resume_from or 0
-        # Loop: frames this node wrote while the log was read must be replayed too.
-        while resume_from is not None and replayed_to < max(newest, user.last_seq):
-            more = await self._bus.log_after(conn.user_id, replayed_to)
-            if not more:
-                break  # gone from the log (trimmed or expired)
-            replay += more
-            replayed_to = seq_of(more[-1]) or replayed_to
-        newest = max(newest, user.last_seq)
-        greet(newest)
-        conn.floor = max(newest, replayed_to)
-        if resume_from is not None:
-            for frame in replay:
-                conn.send(frame)
-            if replay:
-                complete = seq_of(replay[0]) == resume_from + 1
+            newest = await self._bus.current_seq(conn.user_id)
+            assert user.last_seq is not None
+            greet(max(newest, user.last_seq))
+            if resume_from is None:
+                conn.floor = max(newest, user.last_seq)
             else:
-                complete = resume_from == newest
-            conn.send(
-                encode(
-                    {
-                        "type": "resumed",
-                        "from": resume_from + 1,
-                        "to": replayed_to,
-                        "complete": complete,
-                    }
-                )
-            )
-        user.connections.append(conn)
+                await self._replay(user, conn, resume_from, newest)
+            user.connections.append(conn)
+        finally:
+            user.joining -= 1
+            self._forget_if_idle(user)
+
+    async def _replay(self, user: LocalUser, conn: Connection, after: int, newest: int) -> None:
+        """Send every logged frame after `after`, paced by the socket, then `resumed`."""
+        first: int | None = None
+        replayed_to = after
+        # Loop: frames this node delivered during the replay must be replayed too.
+        while replayed_to < max(newest, user.last_seq or 0):
+            batch = await self._bus.log_after(conn.user_id, replayed_to, REPLAY_BATCH)
+            if not batch:
+                break  # gone from the log (trimmed or expired)
+            for frame in batch:
+                await conn.send_paced(frame)
+            first = first or seq_of(batch[0])
+            replayed_to = seq_of(batch[-1]) or replayed_to
+        conn.floor = max(newest, user.last_seq or 0, replayed_to)
+        complete = first == after + 1 if first is not None else after == conn.floor
+        conn.send(
+            encode({"type": "resumed", "from": after + 1, "to": replayed_to, "complete": complete})
+        )
 
     async def _start(self, user: LocalUser) -> None:
         if self._mode == "user":
@@ -140,8 +143,14 @@ class Hub:
         if user is None or conn not in user.connections:
             return
         user.connections.remove(conn)
-        if not user.connections and user.ready.done():
-            del self.users[conn.user_id]
+        self._forget_if_idle(user)
+
+    def _forget_if_idle(self, user: LocalUser) -> None:
+        """The last local connection is gone: drop the user and its subscription."""
+        if user.connections or user.joining or not user.ready.done():
+            return
+        if self.users.get(user.user_id) is user:
+            del self.users[user.user_id]
             if user.repair is not None:
                 user.repair.cancel()
             self._unsubscribe(user)

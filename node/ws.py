@@ -93,6 +93,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         device_id=device_id,
         session_id=session_id,
         queue_limit=state.settings.send_queue_bytes,
+        on_slow_close=metrics.slow_consumer_closes.inc,
     )
     try:
         await ws.prepare(request)
@@ -105,8 +106,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         state.hub.leave(conn)
         await conn.stop()
-        if conn.slow_closed:
-            metrics.slow_consumer_closes.inc()
         await _release(state, conn)
     return ws
 

@@ -29,9 +29,9 @@ class MemoryLog:
     async def current_seq(self, user: str) -> int:
         return len(self.frames.get(user, []))
 
-    async def log_after(self, user: str, after: int, upto: int | None = None) -> list[bytes]:
+    async def log_after(self, user: str, after: int, limit: int | None = None) -> list[bytes]:
         start = max(after, self.trimmed_below)
-        return self.frames.get(user, [])[start:upto]
+        return self.frames.get(user, [])[start : None if limit is None else start + limit]
 
 
 class FakeConn:
@@ -42,6 +42,9 @@ class FakeConn:
 
     def send(self, frame: bytes) -> None:
         self.sent.append(orjson.loads(frame))
+
+    async def send_paced(self, frame: bytes) -> None:
+        self.send(frame)
 
     def seqs(self) -> list[int]:
         return [f["seq"] for f in self.sent if "seq" in f]
