@@ -64,9 +64,41 @@ class Keys:
         return f"{self.ns}session:{session_id}"
 
     # -- cluster membership -----------------------------------------------------------
+    def node_probe(self, node_id: str) -> str:
+        """A channel only this node subscribes to: its pub/sub loop-back probe."""
+        return f"{self.ns}channel:probe:{node_id}"
+
     @property
     def workers(self) -> str:
         return f"{self.ns}workers"
+
+    # -- operations: stats, history, control (one hash tag: one Redis Cluster slot) ----
+    def stats(self, kind: str, process_id: str) -> str:
+        """One node's or worker's latest stats (a JSON string with a TTL)."""
+        return f"{self.ns}{{stats}}:{kind}:{process_id}"
+
+    def stats_index(self, kind: str) -> str:
+        """Sorted set of the live processes of a kind, scored by when their stats expire."""
+        return f"{self.ns}{{stats}}:{kind}s"
+
+    def node_connections(self, node_id: str) -> str:
+        """Hash of a node's connections: connection id -> JSON (user, device, since)."""
+        return f"{self.ns}{{stats}}:conns:{node_id}"
+
+    @property
+    def stats_history(self) -> str:
+        """Stream of cluster totals over the last minutes (the dashboard's charts)."""
+        return f"{self.ns}{{stats}}:history"
+
+    @property
+    def stats_historian(self) -> str:
+        """Lease of the one node that appends to the history."""
+        return f"{self.ns}{{stats}}:historian"
+
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel every node listens on for admin commands (disconnect, broadcast)."""
+        return f"{self.ns}control:nodes"
 
 
 def partition_of(conversation_id: str, partitions: int) -> int:

@@ -15,7 +15,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -25,6 +25,7 @@ from redis.connection import SSLConnection, parse_url
 log = logging.getLogger("fanout.pubsub")
 
 MessageHandler = Callable[[bytes, bytes], None]
+Publisher = Callable[[bytes, bytes], Awaitable[Any]]
 
 
 def _resolve(waiter: asyncio.Future[None], _: object) -> None:
@@ -76,15 +77,18 @@ class Subscriber:
         on_resubscribed: Callable[[], None] | None = None,
         ping_interval: float = 5.0,
         sharded: bool = False,
+        probe: tuple[bytes, Publisher] | None = None,
     ) -> None:
         self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self._ping_interval = ping_interval
+        # (channel, publish): a loop-back probe through a channel of our own.
+        self._probe = probe
         self._sub_cmd, self._unsub_cmd = (
             (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
         )
-        self._channels: set[bytes] = set()
+        self._channels: set[bytes] = {probe[0]} if probe is not None else set()
         self._patterns: dict[bytes, asyncio.Future[None]] = {}
         self._pending: dict[bytes, list[asyncio.Future[None]]] = {}
         self._inflight: dict[bytes, deque[list[asyncio.Future[None]]]] = {}
@@ -180,6 +184,9 @@ class Subscriber:
             return
         kind = reply[0]
         if kind == b"message" or kind == b"smessage":
+            if self._probe is not None and reply[1] == self._probe[0]:
+                self._pong.set()
+                return
             self._on_message(reply[1], reply[2])
         elif kind == b"pmessage":
             self._on_message(reply[2], reply[3])
@@ -292,10 +299,16 @@ class Subscriber:
         return False
 
     async def _watch(self, proto: _Protocol) -> None:
-        """Return when the connection drops; a PING unanswered for long counts as a drop."""
+        """Return when the connection drops, or when a probe does not come back in time.
+
+        The probe is a message published (over another connection) to a channel only
+        this subscriber holds: it proves the subscription itself still delivers, which
+        a TCP keepalive or a PING on this connection alone would not. Without a
+        publisher, or while publishing fails, a PING stands in.
+        """
         while not proto.lost.done():
             self._pong.clear()
-            self._write(_command(b"PING"))
+            await self._send_probe()
             pong: asyncio.Future[Any] = asyncio.ensure_future(self._pong.wait())
             try:
                 done, _ = await asyncio.wait(
@@ -308,9 +321,22 @@ class Subscriber:
             if proto.lost.done():
                 return
             if pong not in done:
-                log.warning("redis pub/sub PING unanswered; dropping the connection")
+                log.warning("redis pub/sub probe unanswered; dropping the connection")
                 if proto.transport is not None:
                     proto.transport.abort()
                 await proto.lost
                 return
             await asyncio.wait([proto.lost], timeout=self._ping_interval)
+
+    async def _send_probe(self) -> None:
+        if self._probe is not None:
+            try:
+                await asyncio.wait_for(
+                    self._probe[1](self._probe[0], b"probe"), self._ping_interval
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the command connection is down, not necessarily ours
+                log.debug("pub/sub probe publish failed (%s); sending PING", exc)
+        self._write(_command(b"PING"))

@@ -75,6 +75,8 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     hub.on_message,
                     on_resubscribed=hub.repair_all,
                     sharded=settings.redis_cluster,
+                    ping_interval=min(5.0, settings.lease_ttl / 2),
+                    probe=(keys.node_probe(settings.node_id).encode(), redis.publish),
                 )
                 async with subscriber:
                     hub.attach(subscriber)

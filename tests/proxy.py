@@ -17,6 +17,8 @@ class CuttableProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.cut_now = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def __aenter__(self) -> CuttableProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -37,6 +39,13 @@ class CuttableProxy:
 
     def heal(self) -> None:
         self.cut_now = False
+
+    def freeze(self) -> None:
+        """Stop forwarding but keep every connection open: a silently dead link."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def _drop_all(self) -> None:
         for writer in list(self._writers):
@@ -61,6 +70,7 @@ class CuttableProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await src.read(65536):
+                await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()
         dst.transport.abort()

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,9 +103,12 @@ def _env(settings: Settings) -> dict[str, str]:
     }
 
 
-async def test_redis_cut_under_load_heals_without_loss(
-    cluster: Cluster, settings: Settings, services: Services
+@pytest.mark.parametrize("fault", ["cut", "freeze"])
+async def test_redis_link_failure_under_load_heals_without_loss(
+    cluster: Cluster, settings: Settings, services: Services, fault: str
 ) -> None:
+    """`cut` drops the connections; `freeze` keeps them open but silent (only the
+    loop-back probe can tell)."""
     parts = urlsplit(services.redis_url)
     async with CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
         via_proxy = f"redis://127.0.0.1:{proxy.port}{parts.path}"
@@ -112,16 +116,20 @@ async def test_redis_cut_under_load_heals_without_loss(
         users = [f"v{i}" for i in range(20)]
         async with devices([node.ws_url], users, per_user=2) as devs:
             flow = Flow(settings, users)  # publishes straight to Redis, not via the proxy
-            running = asyncio.create_task(flow.run(rate=300, duration=4))
+            running = asyncio.create_task(flow.run(rate=300, duration=7))
             await asyncio.sleep(0.8)
-            proxy.cut()
-            await asyncio.sleep(2.0)  # deliveries published meanwhile are missed live
+            proxy.cut() if fault == "cut" else proxy.freeze()
+            # Deliveries published meanwhile are missed live; a freeze outlasts the probe.
+            await asyncio.sleep(2.5 if fault == "cut" else 5.0)
             proxy.heal()
+            proxy.thaw()
             await running
             report = await check(devs, settings, settle=20)
-            print(f"redis cut: {report}")
+            print(f"redis {fault}: {report}")
             report.assert_clean()
         assert "pub/sub connection lost" in node.log()
+        if fault == "freeze":
+            assert "probe unanswered" in node.log()
 
 
 async def test_slow_consumer_is_closed_1013_and_resumes(
