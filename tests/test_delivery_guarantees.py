@@ -100,7 +100,7 @@ async def test_worker_killed_mid_stream_loses_and_repeats_nothing(
     cluster: Cluster, database_url: str, redis: aioredis.Redis, namespace: str
 ) -> None:
     node = await cluster.node(FANOUT_RATE="1000", FANOUT_RATE_BURST="1000")
-    victim, _survivor = await asyncio.gather(cluster.worker(), cluster.worker())
+    victim, survivor = await asyncio.gather(cluster.worker(), cluster.worker())
     await wait_for_lease_holders(redis, Keys(namespace), partitions=4, holders=2)
     sessions = [await create_session(node, f"user{i}") for i in range(20)]
     clients = [await open_client(node, f"user{i}", "dev") for i in range(20)]
@@ -134,3 +134,4 @@ async def test_worker_killed_mid_stream_loses_and_repeats_nothing(
             if r["role"] == "user"
         ]
         assert rows == ids, "stored exactly once, in send order"
+    assert "reclaimed" in survivor.log(), "the dead worker's pending entries were claimed"

@@ -97,6 +97,7 @@ class PartitionConsumer:
         to be claimed (FANOUT_CLAIM_IDLE), then takes them all.
         """
         idle_ms = int(self._settings.claim_idle * 1000)
+        claimed = 0
         while not self._stopping:
             start: Any = "0-0"
             while True:
@@ -104,7 +105,7 @@ class PartitionConsumer:
                 reply: Any = await self._redis.xautoclaim(
                     self._stream, CONSUMER_GROUP, self._consumer, idle_ms, start, count=BATCH
                 )
-                start = reply[0]
+                start, claimed = reply[0], claimed + len(reply[1])
                 if start in (b"0-0", "0-0"):
                     break
             others = [
@@ -115,6 +116,8 @@ class PartitionConsumer:
             if not any(c["pending"] for c in others):
                 for c in others:  # stale consumers of dead or departed workers
                     await self._redis.xgroup_delconsumer(self._stream, CONSUMER_GROUP, c["name"])
+                if claimed:
+                    log.info("partition %d: reclaimed %d pending entries", self.partition, claimed)
                 return
             await asyncio.sleep(min(1.0, self._settings.claim_idle / 4))
 
