@@ -9,9 +9,10 @@ idempotent: a message re-processed after a worker crash keeps its first seq.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from common.config import Settings
 from common.keys import Keys
@@ -42,7 +43,21 @@ return seq
 
 
 async def connect_redis(settings: Settings) -> aioredis.Redis:
-    """A pooled client for commands (not pub/sub: see common/pubsub.py)."""
+    """A pooled client for commands (not pub/sub: see common/pubsub.py).
+
+    In cluster mode this is a `RedisCluster`; it is typed as `Redis` because every
+    command fanout sends through it has one key (or keys of one slot), which the
+    cluster client routes, and the two share the command methods used here.
+    """
+    if settings.redis_cluster:
+        cluster = RedisCluster.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_connect_timeout=5,
+            max_connections=256,
+        )
+        await cluster.initialize()
+        return cast(aioredis.Redis, cluster)
     return aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,
@@ -60,6 +75,7 @@ class Bus:
         self.keys = Keys(settings.namespace)
         self._maxlen = str(settings.user_log_maxlen)
         self._log_ttl = str(settings.user_log_ttl)
+        self._cluster = settings.redis_cluster
         self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
         self._deliver = redis.register_script(_DELIVER)
 
@@ -78,16 +94,26 @@ class Bus:
         marker = delivery_key or "-"
         async with self.redis.pipeline(transaction=False) as pipe:
             for user in users:
-                await self._deliver(
-                    keys=[
-                        self.keys.seq(user),
-                        self.keys.log(user),
-                        self.keys.delivered(user, marker),
-                        self.keys.user_channel(user),
-                    ],
-                    args=[body, self._maxlen, self._log_ttl, SEQ_TTL, dedupe, self._publish],
-                    client=pipe,
-                )
+                keys = [
+                    self.keys.seq(user),
+                    self.keys.log(user),
+                    self.keys.delivered(user, marker),
+                    self.keys.user_channel(user),
+                ]
+                args: list[bytes | str | int] = [
+                    body,
+                    self._maxlen,
+                    self._log_ttl,
+                    SEQ_TTL,
+                    dedupe,
+                    self._publish,
+                ]
+                if self._cluster:
+                    # A cluster pipeline cannot load a missing script on the shard it
+                    # lands on; EVAL carries the body (Redis caches it compiled).
+                    pipe.eval(_DELIVER, len(keys), *keys, *args)
+                else:
+                    await self._deliver(keys=keys, args=args, client=pipe)
             seqs = await pipe.execute()
         return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
 

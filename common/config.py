@@ -101,6 +101,11 @@ class Settings:
         )
         if settings.jwt_secret and settings.jwt_public_key:
             raise ConfigError("set FANOUT_JWT_SECRET or FANOUT_JWT_PUBLIC_KEY, not both")
+        if settings.redis_cluster and settings.subscription_mode == "pattern":
+            raise ConfigError(
+                "FANOUT_SUBSCRIPTION_MODE=pattern is not available with FANOUT_REDIS_CLUSTER=1"
+                " (sharded pub/sub has no patterns)"
+            )
         if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
             raise ConfigError("FANOUT_JWT_SECRET must be at least 32 bytes (HS256, RFC 7518)")
         return replace(settings, **overrides) if overrides else settings

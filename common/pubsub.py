@@ -17,7 +17,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.connection import SSLConnection, parse_url
@@ -39,6 +39,16 @@ def _command(*args: bytes | str) -> bytes:
         data = arg.encode() if isinstance(arg, str) else arg
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+class ChannelSubscriber(Protocol):
+    """What the node needs of a subscriber (one connection, or one per cluster shard)."""
+
+    async def subscribe(self, channels: Iterable[bytes]) -> None: ...
+
+    def unsubscribe(self, channels: Iterable[bytes]) -> None: ...
+
+    async def psubscribe(self, pattern: bytes) -> None: ...
 
 
 class _Protocol(asyncio.Protocol):
@@ -85,6 +95,7 @@ class Subscriber:
         self._ping_interval = ping_interval
         # (channel, publish): a loop-back probe through a channel of our own.
         self._probe = probe
+        self._sharded = sharded
         self._sub_cmd, self._unsub_cmd = (
             (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
         )
@@ -163,13 +174,20 @@ class Subscriber:
         if not self._connected.is_set():
             return  # the reconnect restores everything in `_channels` and `_pending`
         if self._unsub_pending:
-            self._write(_command(self._unsub_cmd, *self._unsub_pending))
+            self._write(self._batch(self._unsub_cmd, self._unsub_pending))
             self._unsub_pending.clear()
         if self._pending:
             pending, self._pending = self._pending, {}
             for channel, futures in pending.items():
                 self._inflight.setdefault(channel, deque()).append(futures)
-            self._write(_command(self._sub_cmd, *pending))
+            self._write(self._batch(self._sub_cmd, pending))
+
+    def _batch(self, command: bytes, channels: Iterable[bytes]) -> bytes:
+        """One command for all channels; sharded: one per channel (a command may not span
+        slots), still written at once."""
+        if self._sharded:
+            return b"".join(_command(command, channel) for channel in channels)
+        return _command(command, *channels)
 
     def _write(self, data: bytes) -> None:
         transport = self._proto.transport if self._proto is not None else None

@@ -15,7 +15,6 @@ from common.bus import Bus, connect_redis
 from common.config import Settings
 from common.keys import Keys
 from common.protocol import CloseCode
-from common.pubsub import Subscriber
 from common.sessions import SessionDirectory
 from common.store import Store
 from node import api
@@ -23,6 +22,7 @@ from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
+from node.subscriber import open_subscriber
 from node.ws import websocket
 
 log = logging.getLogger("fanout.node")
@@ -70,15 +70,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     started_at=time.time(),
                 )
                 app[STATE] = state
-                subscriber = Subscriber(
-                    settings.redis_url,
-                    hub.on_message,
-                    on_resubscribed=hub.repair_all,
-                    sharded=settings.redis_cluster,
-                    ping_interval=min(5.0, settings.lease_ttl / 2),
-                    probe=(keys.node_probe(settings.node_id).encode(), redis.publish),
-                )
-                async with subscriber:
+                async with open_subscriber(settings, redis, keys, hub) as subscriber:
                     hub.attach(subscriber)
                     if settings.subscription_mode == "pattern":
                         await subscriber.psubscribe(keys.user_channel_pattern.encode())

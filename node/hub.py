@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from common.bus import Bus
 from common.keys import Keys
 from common.protocol import SKIP_MARK, encode, seq_of
-from common.pubsub import Subscriber
+from common.pubsub import ChannelSubscriber
 from node.connection import Connection
 
 log = logging.getLogger("fanout.node")
@@ -59,11 +59,11 @@ class Hub:
         self._keys = keys
         self._mode = mode
         self.users: dict[str, LocalUser] = {}
-        self.subscriber: Subscriber | None = None
+        self.subscriber: ChannelSubscriber | None = None
         self.on_delivered: Callable[[int], None] = lambda count: None
         self.gaps_repaired = 0
 
-    def attach(self, subscriber: Subscriber) -> None:
+    def attach(self, subscriber: ChannelSubscriber) -> None:
         self.subscriber = subscriber
 
     def connections(self) -> Iterator[Connection]:

