@@ -59,6 +59,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX messages_history ON messages (session_id, id DESC);
         """,
     ),
+    (
+        2,
+        # announced_version: the newest version whose `session` frame went out. A change
+        # is committed first and announced after; one that a crash left unannounced is
+        # found by the partial index and announced by the sweeper (worker/sweeper.py).
+        """
+        ALTER TABLE sessions ADD COLUMN announced_version integer NOT NULL DEFAULT 1;
+        UPDATE sessions SET announced_version = version WHERE version <> 1;
+        CREATE INDEX sessions_unannounced ON sessions (updated_at)
+            WHERE announced_version < version;
+        CREATE INDEX sessions_created ON sessions (created_at DESC, id DESC);
+        """,
+    ),
 ]
 
 

@@ -12,7 +12,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-OPEN_STATUSES = ("pending", "running", "paused")
+from common.lifecycle import after_message, is_open
+
+# Seconds to wait for a pooled connection: when Postgres is down, callers get a
+# TimeoutError (UNAVAILABLE, retry) instead of waiting on the pool's reconnects.
+ACQUIRE_TIMEOUT = 3.0
 
 
 def iso_time(value: datetime) -> str:
@@ -36,7 +40,7 @@ class SessionRecord:
 
     @property
     def is_open(self) -> bool:
-        return self.status in OPEN_STATUSES
+        return is_open(self.status)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,20 +85,26 @@ class MessageRecord:
         return out
 
 
-def _session(row: asyncpg.Record, participants: list[str]) -> SessionRecord:
+_SESSION_COLUMNS = (
+    "owner",
+    "status",
+    "agent",
+    "ttl",
+    "version",
+    "created_at",
+    "updated_at",
+    "last_activity_at",
+    "expires_at",
+)
+
+
+def session_from_row(row: asyncpg.Record, participants: list[str]) -> SessionRecord:
+    """A session row (SELECT *) and its participants as a record."""
     return SessionRecord(
         id=str(row["id"]),
-        owner=row["owner"],
         participants=tuple(participants),
-        status=row["status"],
-        agent=row["agent"],
         metadata=orjson.loads(row["metadata"]),
-        ttl=row["ttl"],
-        version=row["version"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_activity_at=row["last_activity_at"],
-        expires_at=row["expires_at"],
+        **{name: row[name] for name in _SESSION_COLUMNS},
     )
 
 
@@ -112,7 +122,12 @@ def _message(row: asyncpg.Record) -> MessageRecord:
     )
 
 
-_PARTICIPANTS = "SELECT user_id FROM participants WHERE session_id = $1 ORDER BY joined_at, user_id"
+PARTICIPANTS = "SELECT user_id FROM participants WHERE session_id = $1 ORDER BY joined_at, user_id"
+_PARTICIPANTS_OF_MANY = (
+    "SELECT session_id, user_id FROM participants WHERE session_id = ANY($1::uuid[])"
+    " ORDER BY joined_at, user_id"
+)
+SessionCursor = tuple[datetime, uuid.UUID]
 
 
 class Store:
@@ -133,8 +148,31 @@ class Store:
         finally:
             await pool.close()
 
+    def acquire(self) -> Any:
+        """A pooled connection; TimeoutError (UNAVAILABLE) when none comes in time."""
+        return self.pool.acquire(timeout=ACQUIRE_TIMEOUT)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            result: str = await conn.execute(query, *args)
+            return result
+
     async def ping(self) -> None:
-        async with self.pool.acquire(timeout=2) as conn:
+        async with self.acquire() as conn:
             await conn.fetchval("SELECT 1")
 
     async def create_session(
@@ -148,7 +186,7 @@ class Store:
     ) -> SessionRecord:
         members = list(dict.fromkeys([owner, *participants]))
         session_id = uuid.uuid4()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "INSERT INTO sessions (id, owner, status, agent, metadata, ttl, expires_at)"
                 " VALUES ($1, $2, 'pending', $3, $4::jsonb, $5,"
@@ -165,32 +203,89 @@ class Store:
                 [(session_id, m) for m in members],
             )
         assert row is not None
-        return _session(row, members)
+        return session_from_row(row, members)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        async with self.pool.acquire() as conn:
+        async with self.acquire() as conn:
             row = await conn.fetchrow("SELECT * FROM sessions WHERE id = $1", uuid.UUID(session_id))
             if row is None:
                 return None
-            members = [r["user_id"] for r in await conn.fetch(_PARTICIPANTS, row["id"])]
-        return _session(row, members)
+            members = [r["user_id"] for r in await conn.fetch(PARTICIPANTS, row["id"])]
+        return session_from_row(row, members)
+
+    async def list_sessions(
+        self, *, user_id: str | None, status: str | None, after: SessionCursor | None, limit: int
+    ) -> list[SessionRecord]:
+        """Newest first: a user's sessions, or every session when `user_id` is None (admin)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if user_id is not None:
+            args.append(user_id)
+            where.append(
+                f"id IN (SELECT session_id FROM participants WHERE user_id = ${len(args)})"
+            )
+        if status is not None:
+            args.append(status)
+            where.append(f"status = ${len(args)}")
+        if after is not None:
+            args.extend(after)
+            where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        sql = (
+            "SELECT * FROM sessions"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+        )
+        async with self.acquire() as conn:
+            rows = await conn.fetch(sql, *args)
+            members: dict[uuid.UUID, list[str]] = {r["id"]: [] for r in rows}
+            for r in await conn.fetch(_PARTICIPANTS_OF_MANY, list(members)):
+                members[r["session_id"]].append(r["user_id"])
+        return [session_from_row(r, members[r["id"]]) for r in rows]
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete a session with its participants and messages; False if it was not there."""
+        result: str = await self.execute(
+            "DELETE FROM sessions WHERE id = $1", uuid.UUID(session_id)
+        )
+        return result != "DELETE 0"
+
+    async def messages(
+        self, session_id: str, *, before: int | None, limit: int
+    ) -> list[MessageRecord]:
+        """A page of history, newest first, with ids below `before` (index messages_history)."""
+        # Two statements rather than `$2 IS NULL OR id < $2`: a generic plan of the
+        # latter cannot use the bound as an index condition.
+        if before is None:
+            rows = await self.fetch(
+                "SELECT * FROM messages WHERE session_id = $1 ORDER BY id DESC LIMIT $2",
+                uuid.UUID(session_id),
+                limit,
+            )
+        else:
+            rows = await self.fetch(
+                "SELECT * FROM messages WHERE session_id = $1 AND id < $2"
+                " ORDER BY id DESC LIMIT $3",
+                uuid.UUID(session_id),
+                before,
+                limit,
+            )
+        return [_message(r) for r in rows]
 
     @asynccontextmanager
     async def conversation(self, session_id: str) -> AsyncIterator[Conversation]:
         """One transaction over a session, its row locked: the worker's unit of work."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield Conversation(conn, uuid.UUID(session_id))  # type: ignore[arg-type]
+        async with self.acquire() as conn, conn.transaction():
+            yield Conversation(conn, uuid.UUID(session_id))
 
     async def next_message_id(self) -> int:
-        value: int = await self.pool.fetchval(
-            "SELECT nextval(pg_get_serial_sequence('messages', 'id'))"
-        )
+        value: int = await self.fetchval("SELECT nextval(pg_get_serial_sequence('messages', 'id'))")
         return value
 
     async def find_message(
         self, session_id: str, user_id: str, client_msg_id: str
     ) -> MessageRecord | None:
-        row = await self.pool.fetchrow(
+        row = await self.fetchrow(
             "SELECT * FROM messages WHERE session_id = $1 AND user_id = $2 AND client_msg_id = $3",
             uuid.UUID(session_id),
             user_id,
@@ -210,8 +305,8 @@ class Conversation:
         row = await self._conn.fetchrow("SELECT * FROM sessions WHERE id = $1 FOR UPDATE", self._id)
         if row is None:
             return None
-        members = [r["user_id"] for r in await self._conn.fetch(_PARTICIPANTS, self._id)]
-        return _session(row, members)
+        members = [r["user_id"] for r in await self._conn.fetch(PARTICIPANTS, self._id)]
+        return session_from_row(row, members)
 
     async def participant_role(self, user_id: str) -> str | None:
         role: str | None = await self._conn.fetchval(
@@ -261,14 +356,20 @@ class Conversation:
         return _message(existing), False
 
     async def record_activity(self, session: SessionRecord) -> SessionRecord:
-        """Extend the TTL; a pending session starts running. The row after the update."""
-        start = ", status = 'running', version = version + 1, updated_at = now()"
+        """Extend the TTL of an open session; a pending one starts running. The row after."""
+        if not session.is_open:
+            return session  # a closed session never changes again, activity or not
+        status = after_message(session.status)
+        bump = 1 if status != session.status else 0
         row = await self._conn.fetchrow(
             "UPDATE sessions SET last_activity_at = now(),"
-            " expires_at = now() + ttl * interval '1 second'"
-            + (start if session.status == "pending" else "")
-            + " WHERE id = $1 RETURNING *",
+            " expires_at = now() + ttl * interval '1 second', status = $2,"
+            " version = version + $3::int,"
+            " updated_at = CASE WHEN $3::int = 1 THEN now() ELSE updated_at END"
+            " WHERE id = $1 RETURNING *",
             self._id,
+            status,
+            bump,
         )
         assert row is not None
-        return _session(row, list(session.participants))
+        return session_from_row(row, list(session.participants))

@@ -1,8 +1,9 @@
-"""HTTP endpoints of a node: sessions (SPEC §6), health and metrics."""
+"""HTTP endpoints of a node: shared helpers, health and metrics (sessions: node/sessions_api.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -11,12 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.auth import AuthError, Identity
 from common.errors import SERVICE_DOWN
-from common.protocol import MAX_USER_ID
 from node.state import STATE, NodeState
 from node.ws import bearer_token, refuse
-
-MAX_PARTICIPANTS = 100
-MAX_TTL = 30 * 86400
 
 
 class ApiError(Exception):
@@ -60,40 +57,6 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return refuse(503, "UNAVAILABLE", "backing service unavailable; retry")
 
 
-async def create_session(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    identity = _authenticate(state, request)
-    body = await _body(request)
-    participants = body.get("participants", [])
-    if (
-        not isinstance(participants, list)
-        or len(participants) > MAX_PARTICIPANTS
-        or not all(isinstance(p, str) and 1 <= len(p) <= MAX_USER_ID for p in participants)
-    ):
-        raise ApiError(
-            400,
-            "BAD_REQUEST",
-            f"'participants' must be a list of up to {MAX_PARTICIPANTS} user ids",
-        )
-    agent = body.get("agent", "ai")
-    if agent not in ("ai", "human"):
-        raise ApiError(400, "BAD_REQUEST", "'agent' must be 'ai' or 'human'")
-    ttl = body.get("ttl", state.settings.session_ttl)
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_TTL:
-        raise ApiError(400, "BAD_REQUEST", f"'ttl' must be whole seconds from 1 to {MAX_TTL}")
-    metadata = body.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise ApiError(400, "BAD_REQUEST", "'metadata' must be an object")
-    record = await state.store.create_session(
-        owner=identity.user_id,
-        participants=participants,
-        agent=agent,
-        ttl=ttl,
-        metadata=metadata,
-    )
-    return _json(record.to_json(), status=201)
-
-
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -119,13 +82,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    # fanout_queue_depth is the cluster's, read from Redis (at most once a second);
+    # with Redis down the scrape still answers, with the last depth read.
+    with contextlib.suppress(*SERVICE_DOWN):
+        await state.metrics.refresh_queue_depth(state.redis, state.keys, state.settings.partitions)
     return web.Response(
         body=generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/v1/sessions", create_session)
+    # Imported here: node.sessions_api builds on this module's helpers.
+    from node import sessions_api
+
+    sessions_api.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -17,15 +17,19 @@ from common.keys import Keys
 from common.protocol import CloseCode
 from common.sessions import SessionDirectory
 from common.store import Store
-from node import api
+from node import admin, api
+from node.control import listening_for_commands
 from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
+from node.stats import NodeStats
 from node.subscriber import open_subscriber
 from node.ws import websocket
 
 log = logging.getLogger("fanout.node")
+
+DRAIN_POLL = 0.05
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -36,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket)
     api.add_routes(app)
+    admin.add_routes(app)
     return app
 
 
@@ -48,7 +53,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                 bus = Bus(redis, settings)
                 hub = Hub(bus, keys, mode=settings.subscription_mode)
                 metrics = NodeMetrics()
-                hub.on_delivered = metrics.deliveries.inc
+                hub.on_delivered = metrics.delivered
                 devices = DeviceRegistry(
                     redis,
                     keys,
@@ -70,7 +75,17 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     started_at=time.time(),
                 )
                 app[STATE] = state
-                async with open_subscriber(settings, redis, keys, hub) as subscriber:
+                async with (
+                    open_subscriber(
+                        settings,
+                        redis,
+                        hub.on_message,
+                        on_resubscribed=hub.repair_all,
+                        probe=keys.node_probe(settings.node_id),
+                    ) as subscriber,
+                    listening_for_commands(state),
+                    NodeStats(state),
+                ):
                     hub.attach(subscriber)
                     if settings.subscription_mode == "pattern":
                         await subscriber.psubscribe(keys.user_channel_pattern.encode())
@@ -110,3 +125,18 @@ async def _close_sockets(app: web.Application) -> None:
     for conn in conns:
         conn.close(CloseCode.GOING_AWAY, "node shutting down")
     await asyncio.sleep(0)
+
+
+async def drain(app: web.Application) -> None:
+    """SIGTERM: report not ready, move every client off (1001) and wait for them to go.
+
+    It runs while the node still listens, so /readyz answers 503 during the drain and
+    a load balancer takes the node out; the stats show it as draining meanwhile.
+    """
+    state = app[STATE]
+    await _close_sockets(app)
+    # Polled: a socket leaves the hub from its own handler, there is no event to await.
+    for _ in range(int(state.settings.drain_timeout / DRAIN_POLL)):
+        if next(state.hub.connections(), None) is None:
+            return
+        await asyncio.sleep(DRAIN_POLL)

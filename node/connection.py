@@ -78,6 +78,8 @@ class Connection:
         session_id: str | None,
         queue_limit: int,
         on_slow_close: Callable[[], None] = lambda: None,
+        on_drop: Callable[[int], None] = lambda frames: None,
+        on_written: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -97,6 +99,11 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._on_slow_close = on_slow_close
+        self._on_drop = on_drop
+        # Delivery latency: when the queue last became non-empty, and who is told
+        # (once per written batch, not per frame) how long that batch waited.
+        self._waiting_since = 0.0
+        self._on_written = on_written
 
     @property
     def closing(self) -> bool:
@@ -108,12 +115,16 @@ class Connection:
     def send(self, frame: bytes) -> None:
         """Queue a frame; over the bound, close the connection with 1013 (try again later)."""
         if self._closing:
+            self._on_drop(1)
             return
         self._queued += len(frame)
         if self._queued > self._limit:
+            self._on_drop(1)
             self._on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
             return
+        if not self._queue:
+            self._waiting_since = time.perf_counter()
         self._queue.append(frame)
         self._wake.set()
 
@@ -129,6 +140,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
+        self._on_drop(len(self._queue))
         self._queue.clear()
         self._drained.set()  # releases a paced replay
         if self._writer is not None:
@@ -148,11 +160,14 @@ class Connection:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            since = self._waiting_since if queue else 0.0
             while queue:
                 frame = queue.popleft()
                 self._queued -= len(frame)
                 await ws.send_frame(frame, WSMsgType.TEXT)
             self._drained.set()
+            if since:
+                self._on_written(time.perf_counter() - since)
 
     async def stop(self) -> None:
         """Cancel and await the owned tasks (called once the socket is done)."""

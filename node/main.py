@@ -8,8 +8,7 @@ from aiohttp import web
 
 from common.config import Settings
 from common.runtime import run, setup_logging, stop_event
-from node.app import create_app
-from node.state import STATE
+from node.app import create_app, drain
 
 log = logging.getLogger("fanout.node")
 
@@ -31,7 +30,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     try:
         await stop.wait()
         log.info("draining: closing sockets with 1001")
-        app[STATE].draining = True
+        await drain(app)  # still listening: /readyz says 503 until the sockets are gone
     finally:
         # Stops listening, runs on_shutdown (1001 to every socket), waits for handlers
         # up to the drain timeout, then closes Redis and Postgres.

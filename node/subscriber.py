@@ -1,7 +1,8 @@
-"""The node's pub/sub subscriber for its deployment: one connection, or one per shard."""
+"""Pub/sub subscribers for the node's deployment: one connection, or one per cluster shard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import cast
 
@@ -9,32 +10,36 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from common.config import Settings
-from common.keys import Keys
-from common.pubsub import ChannelSubscriber, Subscriber
+from common.pubsub import ChannelSubscriber, MessageHandler, Subscriber
 from common.pubsub_cluster import ShardedSubscriber
-from node.hub import Hub
 
 
 def open_subscriber(
-    settings: Settings, redis: aioredis.Redis, keys: Keys, hub: Hub
+    settings: Settings,
+    redis: aioredis.Redis,
+    on_message: MessageHandler,
+    *,
+    on_resubscribed: Callable[[], None] | None = None,
+    probe: str | None = None,
 ) -> AbstractAsyncContextManager[ChannelSubscriber]:
-    """A subscriber feeding `hub`, with a loop-back probe; enter it to connect."""
+    """A subscriber (enter it to connect); `probe` names a loop-back probe channel prefix."""
     interval = min(5.0, settings.lease_ttl / 2)
     if settings.redis_cluster:
+        # Sharded pub/sub: a channel must be subscribed on the primary serving its slot.
         cluster = cast(RedisCluster, redis)
         return ShardedSubscriber(
             settings.redis_url,
             cluster,
-            hub.on_message,
-            on_resubscribed=hub.repair_all,
+            on_message,
+            on_resubscribed=on_resubscribed,
             ping_interval=interval,
-            probe_prefix=keys.node_probe(settings.node_id),
-            publish=cluster.spublish,
+            probe_prefix=probe,
+            publish=cluster.spublish if probe is not None else None,
         )
     return Subscriber(
         settings.redis_url,
-        hub.on_message,
-        on_resubscribed=hub.repair_all,
+        on_message,
+        on_resubscribed=on_resubscribed,
         ping_interval=interval,
-        probe=(keys.node_probe(settings.node_id).encode(), redis.publish),
+        probe=(probe.encode(), redis.publish) if probe is not None else None,
     )

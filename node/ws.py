@@ -22,6 +22,7 @@ from common.protocol import (
     parse_client_frame,
 )
 from node.connection import Connection, RateLimiter
+from node.metrics import frame_kind
 from node.router import route
 from node.state import STATE, NodeState
 
@@ -94,6 +95,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session_id=session_id,
         queue_limit=state.settings.send_queue_bytes,
         on_slow_close=metrics.slow_consumer_closes.inc,
+        on_drop=metrics.dropped.inc,
+        on_written=metrics.delivery_latency.observe,
     )
     try:
         await ws.prepare(request)
@@ -147,7 +150,6 @@ async def _serve(
 async def _receive(state: NodeState, conn: Connection, identity: Identity) -> None:
     settings = state.settings
     limiter = RateLimiter(settings.rate, settings.rate_burst)
-    counted = state.metrics.messages_total
     expiry = asyncio.get_running_loop().call_at(
         asyncio.get_running_loop().time() + max(identity.expires_at - time.time(), 0),
         conn.close,
@@ -159,6 +161,7 @@ async def _receive(state: NodeState, conn: Connection, identity: Identity) -> No
             if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
                 continue
             if not limiter.allow():
+                state.metrics.received("rate_limited")
                 if limiter.flooding:
                     conn.close(CloseCode.POLICY, "flooding")
                     return
@@ -166,15 +169,16 @@ async def _receive(state: NodeState, conn: Connection, identity: Identity) -> No
                     conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
                 continue
             await _handle(state, conn, msg.data)
-            counted.labels("in", "frame").inc()
     finally:
         expiry.cancel()
 
 
 async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None:
     frame_id: str | None = None
+    kind = "invalid"
     try:
         frame = parse_client_frame(data, conn.session_id, state.settings.max_content)
+        kind = frame_kind(frame)
         frame_id = getattr(frame, "id", None)
         await route(state, conn, frame)
     except ProtocolError as exc:
@@ -184,6 +188,8 @@ async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None
     except Exception:
         log.exception("frame from %s/%s failed", conn.user_id, conn.device_id)
         conn.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", frame_id))
+    finally:
+        state.metrics.received(kind)
 
 
 async def _presence(state: NodeState, conn: Connection, status: str) -> None:

@@ -3,34 +3,91 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from worker.main import Worker
+    from worker.stats import WorkerStats
 
 WORKER: web.AppKey[Worker] = web.AppKey("worker")
 
 
-def health_app(worker: Worker) -> web.Application:
+class WorkerCollector(Collector):
+    """A worker's numbers, read at scrape time from the worker and its stats writer."""
+
+    def __init__(self, worker: Worker, stats: WorkerStats) -> None:
+        self._worker = worker
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        """The families, read from the worker now."""
+        worker, stats = self._worker, self._stats
+        stats.tally.update(consumer for consumer, _ in worker.consumers.values())
+        yield CounterMetricFamily(
+            "fanout_worker_processed", "Chat entries processed", value=worker.processor.processed
+        )
+        yield CounterMetricFamily(
+            "fanout_worker_failures",
+            "Entries whose processing failed (each attempt counts)",
+            value=stats.tally.failures,
+        )
+        yield CounterMetricFamily(
+            "fanout_worker_dead_letters",
+            "Entries moved to a dead-letter stream",
+            value=stats.tally.dead_lettered,
+        )
+        yield GaugeMetricFamily(
+            "fanout_worker_partitions_owned",
+            "Partitions this worker owns",
+            value=len(worker.leases.owned),
+        )
+        yield GaugeMetricFamily(
+            "fanout_draining", "1 while the process drains", value=1 if worker.draining else 0
+        )
+        latest = stats.latest
+        yield GaugeMetricFamily(
+            "fanout_redis_roundtrip_seconds",
+            "Latest PING round trip to Redis",
+            value=latest.get("redis_rtt_ms", 0) / 1000,
+        )
+        yield GaugeMetricFamily(
+            "fanout_event_loop_lag_seconds",
+            "Worst event-loop lag over the last stats interval",
+            value=latest.get("loop_lag_ms", 0) / 1000,
+        )
+        depth = GaugeMetricFamily(
+            "fanout_queue_depth",
+            "Entries not yet acknowledged, per conversation partition (cluster-wide)",
+            labels=["partition"],
+        )
+        for partition, value in sorted(stats.depths.items()):
+            depth.add_metric([str(partition)], value)
+        yield depth
+
+
+def health_app(worker: Worker, stats: WorkerStats) -> web.Application:
+    """The worker's probe and metrics endpoints."""
     app = web.Application()
     app[WORKER] = worker
     registry = CollectorRegistry()
-    processed = Counter(
-        "fanout_worker_processed_total", "Chat entries processed", registry=registry
-    )
-    owned = Gauge(
-        "fanout_worker_partitions_owned", "Partitions this worker owns", registry=registry
-    )
-    seen = {"processed": 0}
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(WorkerCollector(worker, stats))
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -50,9 +107,10 @@ def health_app(worker: Worker) -> web.Application:
         return web.json_response({"status": status, **checks}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
-        processed.inc(worker.processor.processed - seen["processed"])
-        seen["processed"] = worker.processor.processed
-        owned.set(len(worker.leases.owned))
+        # Fresh queue depth for the scrape (cached for a second against scrape storms);
+        # with Redis down the scrape still answers, with the last depth read.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stats.refresh_queue_depth(), 2)
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -14,13 +14,15 @@ from common.bus import Bus, connect_redis
 from common.config import Settings
 from common.keys import Keys
 from common.runtime import run, setup_logging, stop_event
-from common.sessions import SessionDirectory
+from common.sessions import SessionChanges, SessionDirectory
 from common.store import Store
 from worker.assistant import EchoAssistant, ReplyGenerator
 from worker.consumer import PartitionConsumer
 from worker.health import health_app
 from worker.leases import PartitionLeases
 from worker.processor import ChatProcessor
+from worker.stats import WorkerStats
+from worker.sweeper import ExpirySweeper
 
 log = logging.getLogger("fanout.worker")
 
@@ -41,8 +43,15 @@ class Worker:
         self._redis = redis
         self.store = store
         bus = Bus(redis, settings)
-        self.processor = ChatProcessor(
-            store, bus, SessionDirectory(redis, store, keys), assistant or EchoAssistant()
+        directory = SessionDirectory(redis, store, keys)
+        self.processor = ChatProcessor(store, bus, directory, assistant or EchoAssistant())
+        self.sweeper = ExpirySweeper(
+            redis,
+            keys,
+            SessionChanges(store, bus, directory),
+            worker_id=settings.node_id,
+            interval=settings.sweep_interval,
+            lease_ttl=settings.lease_ttl,
         )
         self.leases = PartitionLeases(
             redis,
@@ -64,6 +73,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.settings.lease_ttl / 3
+        sweeper = asyncio.create_task(self.sweeper.run(), name="sweeper")
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -77,6 +87,11 @@ class Worker:
                 woken.cancel()
         finally:
             self.draining = True
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            with contextlib.suppress(Exception):
+                await self.sweeper.release()  # another worker sweeps without waiting
             await self._drain()
 
     async def _rebalance(self) -> None:
@@ -158,15 +173,17 @@ async def serve(settings: Settings) -> None:
     try:
         async with Store.open(settings.database_url, max_size=settings.db_pool_size) as store:
             worker = Worker(settings, redis, store)
+            stats = WorkerStats(worker, redis)
             stop = stop_event()
             runner: web.AppRunner | None = None
             if settings.worker_port is not None:
-                runner = web.AppRunner(health_app(worker), access_log=None)
+                runner = web.AppRunner(health_app(worker, stats), access_log=None)
                 await runner.setup()
                 await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
             log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
             try:
-                await worker.run(stop)
+                async with stats:  # written through the drain, removed once it is done
+                    await worker.run(stop)
             finally:
                 if runner is not None:
                     await runner.cleanup()

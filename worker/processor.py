@@ -11,9 +11,10 @@ import logging
 
 from common.bus import Bus
 from common.entries import ChatEntry
+from common.lifecycle import takes_assistant_reply
 from common.protocol import encode
-from common.sessions import SessionDirectory
-from common.store import MessageRecord, SessionRecord, Store, iso_time
+from common.sessions import SessionChanges, SessionDirectory
+from common.store import MessageRecord, SessionRecord, Store
 from worker.assistant import ReplyGenerator
 
 log = logging.getLogger("fanout.worker")
@@ -28,25 +29,15 @@ def _message_body(message: MessageRecord) -> bytes:
     )[1:]
 
 
-def session_body(session: SessionRecord) -> bytes:
-    return encode(
-        {
-            "type": "session",
-            "session_id": session.id,
-            "status": session.status,
-            "agent": session.agent,
-            "expires_at": iso_time(session.expires_at),
-        }
-    )[1:]
-
-
 class ChatProcessor:
+    """Handles the chat entries of the partitions a worker owns."""
+
     def __init__(
         self, store: Store, bus: Bus, sessions: SessionDirectory, assistant: ReplyGenerator
     ) -> None:
         self._store = store
         self._bus = bus
-        self._sessions = sessions
+        self._changes = SessionChanges(store, bus, sessions)
         self._assistant = assistant
         self.processed = 0
 
@@ -73,13 +64,10 @@ class ChatProcessor:
             current.participants, _message_body(message), delivery_key=f"m{message.id}"
         )
         if current.version != session.version:
-            await self._sessions.invalidate(current.id)
-            await self._bus.deliver(
-                current.participants,
-                session_body(current),
-                delivery_key=f"s{current.id}.{current.version}",
-            )
-        if role == "user" and current.agent == "ai" and current.status == "running":
+            # pending -> running. Deferred, not raised, if Redis fails here: the entry
+            # is stored and acked below, and the sweeper announces the change.
+            await self._changes.announce_soon(current.id)
+        if takes_assistant_reply(current.status, current.agent, role):
             await self._answer(current, message)
         self.processed += 1
 

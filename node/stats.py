@@ -1,0 +1,230 @@
+"""A node's stats writer: its numbers, its connection list and (as historian) the history.
+
+Every FANOUT_STATS_INTERVAL the node writes its stats entry (common/stats.py) and
+the changes to its connection hash (connection id -> user, device, since; read by
+/admin/connections). Both expire after FANOUT_LEASE_TTL unless refreshed, so a
+dead node vanishes from the cluster view. The node that holds the historian lease
+also appends the cluster totals to the history stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from common.queues import queue_depths
+from common.stats import (
+    NODE,
+    WORKER,
+    ProcessSampler,
+    Rates,
+    append_history,
+    history_point,
+    quantile,
+    read_processes,
+    remove_stats,
+    report_every,
+    stats_writes,
+    summarize,
+)
+from node.metrics import NodeMetrics
+from node.state import NodeState
+
+log = logging.getLogger("fanout.node")
+
+# The connection hash is compared with the hub at most this often: the comparison
+# walks every local connection, so it is not done more than once a second.
+CONNECTIONS_SYNC_EVERY = 1.0
+# Fields per HSET/HDEL command when a node (re)writes a large connection hash.
+HASH_CHUNK = 1000
+
+# KEYS: lease; ARGV: holder, ttl ms. Take the lease if free, renew it if ours.
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease; ARGV: holder. Give the lease up only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def counter_value(metric: Any) -> float:
+    """The value of an unlabelled prometheus-client Counter (its `_total` sample)."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                return float(sample.value)
+    return 0.0
+
+
+class NodeStats:
+    """Owns the node's stats task; `async with` starts it, leaving removes the entry."""
+
+    def __init__(self, state: NodeState) -> None:
+        settings = state.settings
+        self._state = state
+        self._sampler = ProcessSampler(NODE, settings.node_id, settings.stats_interval)
+        self._sampler.started_at = state.started_at or time.time()
+        self._rates = Rates()
+        self._latency_seen = list(state.metrics.delivery_latency.counts)
+        self._written: set[str] = set()
+        self._synced = False
+        self._synced_at = 0.0
+        self._hold = state.redis.register_script(_HOLD)
+        self._release = state.redis.register_script(_RELEASE)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> NodeStats:
+        every = self._state.settings.stats_interval
+        self._tasks = [
+            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
+            asyncio.create_task(report_every(every, self.tick, "node"), name="node-stats"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        state = self._state
+        try:
+            async with asyncio.timeout(2):
+                await remove_stats(state.redis, state.keys, NODE, state.settings.node_id)
+                await self._release(
+                    keys=[state.keys.stats_historian], args=[self._sampler.process_id]
+                )
+        except Exception as exc:  # the entries expire by themselves within the TTL
+            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
+
+    async def tick(self) -> None:
+        """One stats write (and, as historian, one history point)."""
+        state = self._state
+        settings = state.settings
+        record = {**await self._sampler.sample(state.redis), **self._numbers()}
+        self._export(state.metrics, record)
+        index_ttl = max(settings.lease_ttl * 3, 60)
+        async with state.redis.pipeline(transaction=False) as pipe:
+            stats_writes(pipe, state.keys, record, settings.lease_ttl, index_ttl)
+            synced = self._sync_connections(pipe)
+            try:
+                await pipe.execute()
+            except BaseException:
+                self._synced = False  # unknown what landed: rewrite the hash next time
+                raise
+        if synced is not None:
+            self._written, self._synced = synced, True
+        await self._historian()
+
+    def _numbers(self) -> dict[str, Any]:
+        state = self._state
+        m = state.metrics
+        hub = state.hub
+        totals = {
+            "messages_in": float(sum(m.frames_in.values())),
+            "messages_out": float(m.frames_out),
+            "deliveries": float(m.deliveries),
+        }
+        rates = self._rates.per_second(totals)
+        counts = list(m.delivery_latency.counts)
+        window = [now - seen for now, seen in zip(counts, self._latency_seen, strict=True)]
+        self._latency_seen = counts
+        p99 = quantile(m.delivery_latency.bounds, window, 0.99)
+        return {
+            "draining": state.draining,
+            "subscription_mode": state.settings.subscription_mode,
+            "connections": sum(len(user.connections) for user in hub.users.values()),
+            "users": len(hub.users),
+            "connections_total": int(counter_value(m.connections_total)),
+            "messages_in_per_s": rates["messages_in"],
+            "messages_out_per_s": rates["messages_out"],
+            "deliveries_per_s": rates["deliveries"],
+            "messages_in_total": int(totals["messages_in"]),
+            "messages_out_total": int(totals["messages_out"]),
+            "deliveries_total": int(totals["deliveries"]),
+            "drops_total": int(counter_value(m.dropped)),
+            "slow_consumer_closes_total": int(counter_value(m.slow_consumer_closes)),
+            "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "latency_bounds": list(m.delivery_latency.bounds),
+            "latency_counts": window,
+        }
+
+    @staticmethod
+    def _export(metrics: NodeMetrics, record: dict[str, Any]) -> None:
+        metrics.users_active.set(record["users"])
+        metrics.redis_roundtrip.set(record["redis_rtt_ms"] / 1000)
+        metrics.loop_lag.set(record["loop_lag_ms"] / 1000)
+        metrics.draining.set(1 if record["draining"] else 0)
+
+    def _sync_connections(self, pipe: Any) -> set[str] | None:
+        """Queue the changes to the connection hash; the ids it will hold, or None if unchanged."""
+        state = self._state
+        key = state.keys.node_connections(state.settings.node_id)
+        pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
+        now = time.monotonic()
+        if self._synced and now - self._synced_at < CONNECTIONS_SYNC_EVERY:
+            return None
+        self._synced_at = now
+        current = {conn.conn_id: conn for conn in state.hub.connections()}
+        if self._synced:
+            added = [current[c] for c in current.keys() - self._written]
+            removed = list(self._written - current.keys())
+        else:
+            added, removed = list(current.values()), []
+            pipe.delete(key)
+        for start in range(0, len(removed), HASH_CHUNK):
+            pipe.hdel(key, *removed[start : start + HASH_CHUNK])
+        for start in range(0, len(added), HASH_CHUNK):
+            chunk = added[start : start + HASH_CHUNK]
+            pipe.hset(
+                key,
+                mapping={
+                    c.conn_id: orjson.dumps(
+                        {
+                            "user_id": c.user_id,
+                            "device_id": c.device_id,
+                            "connected_at": round(c.connected_at, 3),
+                        }
+                    )
+                    for c in chunk
+                },
+            )
+        if added:
+            pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
+        return set(current)
+
+    async def _historian(self) -> None:
+        """Append the cluster totals to the history, if this node holds the historian lease."""
+        state = self._state
+        ttl_ms = int(state.settings.lease_ttl * 1000)
+        held = await self._hold(
+            keys=[state.keys.stats_historian], args=[state.settings.node_id, ttl_ms]
+        )
+        if not held:
+            return
+        nodes, workers, depths = await asyncio.gather(
+            read_processes(state.redis, state.keys, NODE),
+            read_processes(state.redis, state.keys, WORKER),
+            queue_depths(state.redis, state.keys, state.settings.partitions),
+        )
+        state.metrics.set_queue_depth(depths)
+        totals = summarize(nodes, workers, sum(depths.values()))
+        await append_history(
+            state.redis, state.keys, history_point(totals, int(time.time() * 1000))
+        )

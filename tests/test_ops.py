@@ -1,0 +1,349 @@
+"""Operations (issue 6): cluster stats in Redis, Prometheus metrics, and a visible drain."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.keys import Keys
+from tests.harness import ROOT, Client, Cluster, Proc, connect, create_session, is_type, token
+
+INTERVAL = "0.2"  # FANOUT_STATS_INTERVAL of these tests' processes
+TTL = 2.0  # FANOUT_LEASE_TTL of the test environment (tests/conftest.py)
+ADMIN = token("ops-admin", roles=["admin"])
+
+
+async def request(
+    node: Proc, method: str, path: str, *, auth: str | None = ADMIN, body: Any = None
+) -> tuple[int, Any]:
+    """One HTTP call to a node; (status, JSON body or text)."""
+    headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, f"{node.url}{path}", json=body, headers=headers) as resp,
+    ):
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.text()
+
+
+async def stats(node: Proc) -> dict[str, Any]:
+    status, body = await request(node, "GET", "/admin/stats")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 10, what: str = "condition"
+) -> Any:
+    """Poll `check` until it returns something truthy (returned) or time runs out."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
+
+
+async def metrics(url: str) -> dict[str, float]:
+    """Every sample of a /metrics page, keyed `name{label="v",...}`, parsed by prometheus."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+@contextlib.asynccontextmanager
+async def chatting(client: Client, session_id: str, per_second: float = 8) -> AsyncIterator[None]:
+    """Keep a client sending chats (below the rate limit) while the block runs."""
+
+    async def loop() -> None:
+        n = 0
+        while True:
+            try:
+                await client.chat(session_id, f"load {n}")
+            except (aiohttp.ClientError, ConnectionError):
+                return  # its node went away (the tests kill nodes on purpose)
+            n += 1
+            await asyncio.sleep(1 / per_second)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def two_by_two(cluster: Cluster) -> tuple[Proc, Proc, Proc, Proc]:
+    node1, node2 = await asyncio.gather(
+        cluster.node("node-1", FANOUT_STATS_INTERVAL=INTERVAL),
+        cluster.node("node-2", FANOUT_STATS_INTERVAL=INTERVAL),
+    )
+    worker1, worker2 = await asyncio.gather(
+        cluster.worker("worker-1", FANOUT_STATS_INTERVAL=INTERVAL),
+        cluster.worker("worker-2", FANOUT_STATS_INTERVAL=INTERVAL),
+    )
+    return node1, node2, worker1, worker2
+
+
+def ids(records: list[dict[str, Any]]) -> set[str]:
+    return {r["id"] for r in records}
+
+
+async def test_stats_from_either_node_list_every_process_with_real_numbers(
+    cluster: Cluster,
+) -> None:
+    node1, node2, _, _ = await two_by_two(cluster)
+    session_id = await create_session(node1, "olga", ["pete"])
+    async with connect(node1, "olga", "o1") as olga, connect(node2, "pete", "p1") as pete:
+        async with chatting(olga, session_id):
+
+            async def busy() -> dict[str, Any] | None:
+                view = await stats(node2)
+                totals = view["totals"]
+                moving = totals["messages_in_per_s"] > 0 and totals["messages_out_per_s"] > 0
+                return view if moving and totals["processed_per_s"] > 0 else None
+
+            view = await eventually(busy, what="non-zero rates while chatting")
+
+            async def charted() -> list[dict[str, Any]] | None:
+                status, history = await request(node1, "GET", "/admin/history")
+                assert status == 200, history
+                points: list[dict[str, Any]] = history["points"]
+                return points if any(p["messages_in_per_s"] for p in points) else None
+
+            # One node (the historian) keeps the totals of the last minutes for the charts.
+            points = await eventually(charted, what="traffic in the history")
+            assert [p["t"] for p in points] == sorted(p["t"] for p in points)
+            assert points[-1]["nodes"] == 2 and points[-1]["workers"] == 2
+            assert set(points[-1]) >= {"t", "connections", "queue_depth", "latency_p99_ms"}
+        await pete.until(is_type("message", message__role="assistant"))
+
+        for node in (node1, node2):
+            view = await stats(node)
+            assert ids(view["nodes"]) == {"node-1", "node-2"}
+            assert ids(view["workers"]) == {"worker-1", "worker-2"}
+            by_id = {r["id"]: r for r in view["nodes"] + view["workers"]}
+            for record in by_id.values():
+                assert record["uptime_s"] > 0
+                assert record["rss_bytes"] > 10_000_000
+                assert 0 < record["redis_rtt_ms"] < 1000
+                assert record["loop_lag_ms"] >= 0
+                assert record["draining"] is False
+            assert by_id["node-1"]["connections"] == 1
+            assert by_id["node-2"]["connections"] == 1
+            assert by_id["node-1"]["messages_in_total"] >= 1
+            assert by_id["node-2"]["deliveries_total"] >= 1
+            assert (by_id["node-2"]["latency_p99_ms"] or 0) < 1000
+            workers = [by_id["worker-1"], by_id["worker-2"]]
+            assert sum(w["partitions_owned"] for w in workers) == 4
+            assert sorted(p for w in workers for p in w["partitions"]) == [0, 1, 2, 3]
+            assert sum(w["processed_total"] for w in workers) >= 1
+            assert view["totals"]["connections"] == 2
+            assert view["totals"]["nodes"] == 2 and view["totals"]["workers"] == 2
+            queue = view["queue"]
+            assert [p["partition"] for p in queue["partitions"]] == [0, 1, 2, 3]
+            assert {p["owner"] for p in queue["partitions"]} <= {"worker-1", "worker-2"}
+            assert queue["depth"] == sum(p["depth"] for p in queue["partitions"])
+            assert view["served_by"] == node.name
+
+
+async def test_killed_node_and_worker_leave_the_stats_within_the_ttl(cluster: Cluster) -> None:
+    node1, node2, _, worker2 = await two_by_two(cluster)
+    async with connect(node2, "quinn", "q1"):
+        await eventually(lambda: _has_connection(node1, "quinn"), what="quinn listed")
+        assert ids((await stats(node1))["nodes"]) == {"node-1", "node-2"}
+        node2.kill()
+        worker2.kill()
+        killed = time.monotonic()
+
+        async def gone() -> bool:
+            view = await stats(node1)
+            return "node-2" not in ids(view["nodes"]) and "worker-2" not in ids(view["workers"])
+
+        await eventually(gone, timeout=TTL + 3, what="killed processes gone")
+        # Gone within the TTL (plus one stats interval and the polling).
+        assert time.monotonic() - killed <= TTL + 1.0
+        assert not await _has_connection(node1, "quinn")
+
+
+async def _has_connection(node: Proc, user_id: str) -> bool:
+    status, body = await request(node, "GET", "/admin/connections")
+    assert status == 200, body
+    return any(item["user_id"] == user_id for item in body["items"])
+
+
+def _value(samples: dict[str, float], key: str) -> float:
+    return samples.get(key, 0.0)
+
+
+async def test_metrics_parse_and_move_with_traffic(cluster: Cluster) -> None:
+    node1, node2, worker1, worker2 = await two_by_two(cluster)
+    before = await metrics(node2.url)
+    for name in (
+        "websocket_connections_active",
+        "websocket_connections_total",
+        "fanout_slow_consumer_closes_total",
+        "fanout_delivery_latency_seconds_count",
+        "process_resident_memory_bytes",
+        "fanout_event_loop_lag_seconds",
+        'fanout_queue_depth{partition="0"}',
+        'fanout_queue_depth{partition="3"}',
+    ):
+        assert name in before, name
+    # Histogram buckets from sub-millisecond to seconds.
+    bounds = [float(k.split('"')[1]) for k in before if "latency_seconds_bucket" in k]
+    assert min(bounds) < 0.001 and max(b for b in bounds if b != float("inf")) >= 1
+
+    session_id = await create_session(node1, "rhea", ["sam"])
+    async with connect(node1, "rhea", "r1") as rhea, connect(node2, "sam", "s1") as sam:
+        for i in range(3):
+            await rhea.chat(session_id, f"hello {i}")
+        for _ in range(6):  # three messages and three replies
+            await sam.until(is_type("message"))
+        after1 = await metrics(node1.url)
+        after2 = await metrics(node2.url)
+        assert _value(after2, "websocket_connections_active") == 1
+        assert _value(after2, "websocket_connections_total") == 1
+        chats = 'websocket_messages_total{direction="in",type="chat"}'
+        assert _value(after1, chats) == 3
+        delivered = 'websocket_messages_total{direction="out",type="delivery"}'
+        assert _value(after2, delivered) - _value(before, delivered) >= 6
+        assert _value(after2, "fanout_delivery_latency_seconds_count") > _value(
+            before, "fanout_delivery_latency_seconds_count"
+        )
+        assert _value(after2, "fanout_deliveries_total") >= 6
+
+    processed = 0.0
+    for worker in (worker1, worker2):
+        samples = await metrics(worker.url)
+        processed += _value(samples, "fanout_worker_processed_total")
+        assert 'fanout_queue_depth{partition="2"}' in samples
+        assert "process_resident_memory_bytes" in samples
+        assert "fanout_worker_partitions_owned" in samples
+    assert processed >= 3
+
+
+def stalled_client(port: int, user_id: str) -> socket.socket:
+    """A WebSocket client that upgrades and then never reads (a tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        (
+            f"GET /ws?device_id=stalled HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+            f"Authorization: Bearer {token(user_id)}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_drain_is_visible_in_readyz_and_stats(
+    cluster: Cluster, redis: Any, namespace: str
+) -> None:
+    node1, node2 = await asyncio.gather(
+        cluster.node("node-1", FANOUT_STATS_INTERVAL=INTERVAL),
+        cluster.node(
+            "node-2",
+            FANOUT_STATS_INTERVAL=INTERVAL,
+            FANOUT_DRAIN_TIMEOUT="4",
+            FANOUT_SEND_QUEUE_BYTES=str(64 << 20),
+        ),
+    )
+    # A client on a stalled network: once its buffers are full, the 1001 close frame
+    # cannot be written, so node-2 stays draining (up to FANOUT_DRAIN_TIMEOUT).
+    sock = await asyncio.to_thread(stalled_client, node2.port or 0, "tess")
+    try:
+        await eventually(lambda: _has_connection(node1, "tess"), what="tess listed")
+        filler = b'{"type":"typing","pad":"' + b"x" * (1 << 20) + b'"}'
+        for _ in range(12):  # more than the kernel buffers of both ends hold
+            await redis.publish(Keys(namespace).user_channel("tess"), filler)
+        await asyncio.sleep(0.5)
+        node2.popen.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                status, body = await request(node2, "GET", "/readyz", auth=None)
+                return status == 503 and body["status"] == "draining"
+            return False
+
+        await eventually(not_ready, timeout=3, what="/readyz 503 while draining")
+
+        async def shown_draining() -> bool:
+            view = await stats(node1)
+            node = next((n for n in view["nodes"] if n["id"] == "node-2"), None)
+            draining = node is not None and node["draining"] is True
+            return draining and view["totals"]["draining_nodes"] == 1
+
+        await eventually(shown_draining, timeout=3, what="node-2 shown draining")
+        assert node2.alive()
+    finally:
+        sock.close()
+    assert await asyncio.to_thread(node2.popen.wait, 15) == 0
+    view = await stats(node1)
+    assert ids(view["nodes"]) == {"node-1"}, "a node that stopped cleanly leaves at once"
+
+
+async def _metric_names(url: str) -> set[str]:
+    """Every name a /metrics page can be queried by (families with no samples yet too)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum"))
+        names.update(s.name for s in family.samples)
+    return names
+
+
+async def test_grafana_dashboard_queries_only_exported_metrics(cluster: Cluster) -> None:
+    node, worker = await asyncio.gather(cluster.node(), cluster.worker())
+    exported = await _metric_names(node.url) | await _metric_names(worker.url)
+    dashboard = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(exprs) >= 20
+    used = {
+        name
+        for expr in exprs
+        for name in re.findall(r"\b((?:websocket|fanout|process)_[a-z_]+)\b", expr)
+    }
+    assert used, exprs
+    assert used <= exported, sorted(used - exported)
+    # The SPEC §7 names are all on the board.
+    for name in (
+        "websocket_connections_active",
+        "websocket_connections_total",
+        "websocket_messages_total",
+        "fanout_delivery_latency_seconds_bucket",
+        "fanout_queue_depth",
+        "fanout_slow_consumer_closes_total",
+    ):
+        assert name in used, name

@@ -1,0 +1,129 @@
+"""A worker's stats writer: partitions owned, processed/s, failures and its queue depth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from common.queues import queue_depths
+from common.stats import WORKER, ProcessSampler, Rates, remove_stats, report_every, stats_writes
+
+if TYPE_CHECKING:
+    from worker.consumer import PartitionConsumer
+    from worker.main import Worker
+
+log = logging.getLogger("fanout.worker")
+
+# Queue depth costs two commands per partition: read at most this often.
+QUEUE_DEPTH_MAX_AGE = 1.0
+
+
+class ConsumerTally:
+    """Failures and dead letters of every consumer this worker ran, released ones included."""
+
+    def __init__(self) -> None:
+        self._seen: dict[PartitionConsumer, tuple[int, int]] = {}
+        self.failures = 0
+        self.dead_lettered = 0
+
+    def update(self, consumers: Iterable[PartitionConsumer]) -> None:
+        """Add what the consumers counted since the last update."""
+        current = set(consumers)
+        # A consumer released since the last update is still held here: its last
+        # failures are counted before it is let go.
+        for consumer in current | self._seen.keys():
+            failures, dead = self._seen.get(consumer, (0, 0))
+            self.failures += consumer.failures - failures
+            self.dead_lettered += consumer.dead_lettered - dead
+        self._seen = {c: (c.failures, c.dead_lettered) for c in current}
+
+
+class WorkerStats:
+    """Owns the worker's stats task; `async with` starts it, leaving removes the entry."""
+
+    def __init__(self, worker: Worker, redis: aioredis.Redis) -> None:
+        settings = worker.settings
+        self._worker = worker
+        self._redis = redis
+        self._keys = Keys(settings.namespace)
+        self._sampler = ProcessSampler(WORKER, settings.node_id, settings.stats_interval)
+        self._sampler.started_at = worker.started_at
+        self._rates = Rates()
+        self.tally = ConsumerTally()
+        self.depths: dict[int, int] = {}
+        self._depths_at = 0.0
+        self.latest: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> WorkerStats:
+        every = self._worker.settings.stats_interval
+        self._tasks = [
+            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
+            asyncio.create_task(report_every(every, self.tick, "worker"), name="worker-stats"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            async with asyncio.timeout(2):
+                await remove_stats(self._redis, self._keys, WORKER, self._worker.settings.node_id)
+        except Exception as exc:  # the entry expires by itself within the TTL
+            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
+
+    async def refresh_queue_depth(self) -> dict[int, int]:
+        """The cluster's queue depth per partition, read from Redis unless read just now."""
+        now = time.monotonic()
+        if now - self._depths_at >= QUEUE_DEPTH_MAX_AGE:
+            self._depths_at = now
+            self.depths = await queue_depths(
+                self._redis, self._keys, self._worker.settings.partitions
+            )
+        return self.depths
+
+    async def tick(self) -> None:
+        """One stats write."""
+        worker = self._worker
+        settings = worker.settings
+        common = await self._sampler.sample(self._redis)
+        depths = await self.refresh_queue_depth()
+        owned = sorted(worker.leases.owned)
+        self.tally.update(consumer for consumer, _ in worker.consumers.values())
+        processed = worker.processor.processed
+        rates = self._rates.per_second(
+            {"processed": float(processed), "failures": float(self.tally.failures)}
+        )
+        record = {
+            **common,
+            "draining": worker.draining,
+            "healthy": worker.healthy,
+            "partitions": owned,
+            "partitions_owned": len(owned),
+            "processed_total": processed,
+            "processed_per_s": rates["processed"],
+            "failures_total": self.tally.failures,
+            "failures_per_s": rates["failures"],
+            "dead_lettered_total": self.tally.dead_lettered,
+            "queue_depth": sum(depths.get(p, 0) for p in owned),
+            "queue": {str(p): depths.get(p, 0) for p in owned},
+            "concurrency": settings.worker_concurrency,
+        }
+        self.latest = record
+        async with self._redis.pipeline(transaction=False) as pipe:
+            index_ttl = max(settings.lease_ttl * 3, 60)
+            stats_writes(pipe, self._keys, record, settings.lease_ttl, index_ttl)
+            await pipe.execute()
