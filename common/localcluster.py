@@ -28,7 +28,8 @@ import asyncpg
 
 from common.auth import mint_token
 from common.config import ConfigError, Settings
-from common.embedded import EmbeddedError, Services, last_log_line, local_services, spawn
+from common.embedded import EmbeddedError, Services, last_log_line, local_services
+from common.processes import spawn
 from common.schema import migrate_sync
 
 DEFAULT_DATA_DIR = ".fanout-data"
