@@ -17,7 +17,7 @@ from common.config import Settings
 from common.embedded import Services
 from common.protocol import encode
 from tests.checker import Flow, check, devices
-from tests.harness import Cluster, Proc, connect, is_type, token
+from tests.harness import Cluster, Proc, connect, create_session, is_type, token
 from tests.proxy import CuttableProxy
 
 
@@ -193,3 +193,47 @@ async def _metrics(node: Proc) -> dict[str, float]:
     async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as resp:
         text = await resp.text()
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+async def test_incomplete_resume_is_filled_from_the_history_api(cluster: Cluster) -> None:
+    """The log kept 5 frames; the device missed more, learns it, and pages the rest."""
+    small_log = {"FANOUT_USER_LOG_MAXLEN": "5"}
+    node = await cluster.node(**small_log)
+    await cluster.worker(**small_log)
+    session_id = await create_session(node, "tom", ["una"])
+    async with connect(node, "tom", "t1") as tom:
+        last = tom.welcome["last_seq"]
+    missed: list[str] = []
+    async with connect(node, "una", "u1") as una:
+        for i in range(6):  # 6 chats + 6 replies (+ the session frame) > 5 logged
+            missed.append(await una.chat(session_id, f"while tom is away {i}"))
+            await una.until(
+                is_type(
+                    "message",
+                    message__role="assistant",
+                    message__content=f"You said: while tom is away {i}",
+                )
+            )
+    async with connect(node, "tom", "t1", last_seq=str(last)) as tom:
+        resumed = await tom.until(is_type("resumed"))
+        assert resumed["complete"] is False
+    # The client pages history over HTTP for what the log no longer held.
+    seen: list[dict[str, object]] = []
+    cursor: str | None = None
+    async with aiohttp.ClientSession() as http:
+        while True:
+            params = {"limit": "4", **({"before": cursor} if cursor else {})}
+            async with http.get(
+                f"{node.url}/api/v1/sessions/{session_id}/messages",
+                params=params,
+                headers={"Authorization": f"Bearer {token('tom')}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                page = await resp.json()
+            seen += page["items"]
+            cursor = page["next"]
+            if cursor is None:
+                break
+    users = [m["client_msg_id"] for m in reversed(seen) if m["role"] == "user"]
+    assert users == missed
+    assert sum(1 for m in seen if m["role"] == "assistant") == 6
