@@ -127,7 +127,7 @@ async def _close_sockets(app: web.Application) -> None:
     await asyncio.sleep(0)
 
 
-async def drain(app: web.Application) -> None:
+async def drain(app: web.Application, within: float) -> None:
     """SIGTERM: report not ready, move every client off (1001) and wait for them to go.
 
     It runs while the node still listens, so /readyz answers 503 during the drain and
@@ -136,7 +136,7 @@ async def drain(app: web.Application) -> None:
     state = app[STATE]
     await _close_sockets(app)
     # Polled: a socket leaves the hub from its own handler, there is no event to await.
-    for _ in range(int(state.settings.drain_timeout / DRAIN_POLL)):
+    for _ in range(int(within / DRAIN_POLL)):
         if next(state.hub.connections(), None) is None:
             return
         await asyncio.sleep(DRAIN_POLL)

@@ -15,7 +15,10 @@ log = logging.getLogger("fanout.node")
 
 async def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.drain_timeout, access_log=None)
+    # The whole stop fits in FANOUT_DRAIN_TIMEOUT: the drain gets most of it, the
+    # runner's own wait for stuck handlers the rest.
+    cleanup_budget = min(2.0, settings.drain_timeout / 4)
+    runner = web.AppRunner(app, shutdown_timeout=cleanup_budget, access_log=None)
     await runner.setup()
     stop = stop_event()
     site = web.TCPSite(runner, host, port, reuse_port=True)
@@ -30,10 +33,12 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     try:
         await stop.wait()
         log.info("draining: closing sockets with 1001")
-        await drain(app)  # still listening: /readyz says 503 until the sockets are gone
+        await drain(
+            app, settings.drain_timeout - cleanup_budget
+        )  # still listening: /readyz says 503 until the sockets are gone
     finally:
-        # Stops listening, runs on_shutdown (1001 to every socket), waits for handlers
-        # up to the drain timeout, then closes Redis and Postgres.
+        # Stops listening, runs on_shutdown (1001 to any socket left), waits for handlers
+        # up to the cleanup budget, then closes Redis and Postgres.
         await runner.cleanup()
     log.info("node %s stopped", settings.node_id)
 
