@@ -50,7 +50,7 @@ class ChatProcessor:
                     "session %s is gone; dropping message %s", entry.session_id, entry.client_msg_id
                 )
                 return
-            role = await conv.participant_role(entry.user_id) or "user"
+            role = conv.participant_role(entry.user_id) or "user"
             message, created = await conv.insert_message(
                 client_msg_id=entry.client_msg_id,
                 role=role,
@@ -68,12 +68,19 @@ class ChatProcessor:
             # is stored and acked below, and the sweeper announces the change.
             await self._changes.announce_soon(current.id)
         if takes_assistant_reply(current.status, current.agent, role):
-            await self._answer(current, message)
+            await self._answer(current, message, first_time=created)
         self.processed += 1
 
-    async def _answer(self, session: SessionRecord, message: MessageRecord) -> None:
+    async def _answer(
+        self, session: SessionRecord, message: MessageRecord, *, first_time: bool
+    ) -> None:
         reply_key = f"reply:{message.id}"
-        reply = await self._store.find_message(session.id, ASSISTANT_ID, reply_key)
+        # A message stored just now cannot have a reply yet; a re-processed one may.
+        reply = (
+            None
+            if first_time
+            else await self._store.find_message(session.id, ASSISTANT_ID, reply_key)
+        )
         if reply is None:
             reply_id = await self._store.next_message_id()
             parts: list[str] = []
@@ -88,16 +95,16 @@ class ChatProcessor:
                     }
                 )
                 await self._bus.publish(session.participants, delta)
-            async with self._store.conversation(session.id) as conv:
-                reply, _ = await conv.insert_message(
-                    client_msg_id=reply_key,
-                    role="assistant",
-                    user_id=ASSISTANT_ID,
-                    device_id=None,
-                    content="".join(parts),
-                    metadata=None,
-                    message_id=reply_id,
-                )
+            reply, _ = await self._store.insert_message(
+                session.id,
+                client_msg_id=reply_key,
+                role="assistant",
+                user_id=ASSISTANT_ID,
+                device_id=None,
+                content="".join(parts),
+                metadata=None,
+                message_id=reply_id,
+            )
         await self._bus.deliver(
             session.participants, _message_body(reply), delivery_key=f"m{reply.id}"
         )
