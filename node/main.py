@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import sys
 
 from aiohttp import web
 
@@ -11,6 +14,9 @@ from common.runtime import run, setup_logging, stop_event
 from node.app import create_app, drain
 
 log = logging.getLogger("fanout.node")
+
+# Seconds past FANOUT_DRAIN_TIMEOUT before a stuck stop is cut short (exit status 1).
+STUCK_GRACE = 10.0
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
@@ -32,6 +38,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     )
     try:
         await stop.wait()
+        _arm_watchdog(settings.drain_timeout + STUCK_GRACE)
         log.info("draining: closing sockets with 1001")
         await drain(
             app, settings.drain_timeout - cleanup_budget
@@ -41,6 +48,18 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         # up to the cleanup budget, then closes Redis and Postgres.
         await runner.cleanup()
     log.info("node %s stopped", settings.node_id)
+
+
+def _arm_watchdog(after: float) -> None:
+    """A stop that outlives its budget is a bug: say where every task is, then exit."""
+
+    def give_up() -> None:
+        log.error("shutdown still running after %.0f s; tasks left:", after)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        os._exit(1)
+
+    asyncio.get_running_loop().call_later(after, give_up)
 
 
 def main(settings: Settings, host: str, port: int) -> None:
