@@ -69,6 +69,16 @@ class Keys:
         return f"{self.ns}channel:probe:{node_id}"
 
     @property
+    def sweeper_lease(self) -> str:
+        """The expiry sweeper's lease (its value is the holder's worker id)."""
+        return f"{self.ns}lease:sweeper"
+
+    @property
+    def sweeps(self) -> str:
+        """A bounded list of recent sweeps, newest first (JSON: worker, start, end, counts)."""
+        return f"{self.ns}sweeps"
+
+    @property
     def workers(self) -> str:
         return f"{self.ns}workers"
 

@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 from common.keys import Keys
 from tests.harness import Client, Cluster, connect, create_session, is_type
 from tests.test_sessions_api import db_row, patch
-from worker.sweeper import lease_key, log_key
 
 
 async def seen_or_until(
@@ -121,7 +120,7 @@ async def test_a_session_with_a_two_second_ttl_expires_by_itself(
 
 
 async def _sweeps(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    raw = await redis.lrange(log_key(keys), 0, -1)  # type: ignore[misc]
+    raw = await redis.lrange(keys.sweeps, 0, -1)  # type: ignore[misc]
     return sorted((orjson.loads(r) for r in raw), key=lambda s: s["started"])
 
 
@@ -140,7 +139,7 @@ async def test_the_sweeper_runs_on_one_worker_at_a_time(
         for name in ("worker-a", "worker-b")
     }
     await asyncio.sleep(2.5)
-    holder = (await redis.get(lease_key(keys)) or b"").decode()
+    holder = (await redis.get(keys.sweeper_lease) or b"").decode()
     assert holder in workers
     sweeps = await _sweeps(redis, keys)
     assert len(sweeps) >= 5
@@ -161,7 +160,7 @@ async def test_the_sweeper_runs_on_one_worker_at_a_time(
     took_over = min(s["started"] for s in sweeps if s["worker"] == survivor)
     assert took_over - killed_at < 2 + 1.0, "within the lease time (FANOUT_LEASE_TTL=2)"
     _assert_never_overlapping(sweeps)
-    assert (await redis.get(lease_key(keys))) == survivor.encode()
+    assert (await redis.get(keys.sweeper_lease)) == survivor.encode()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         rows = [await db_row(database_url, sid) for sid in doomed]
@@ -178,12 +177,12 @@ async def test_a_graceful_stop_hands_the_sweeper_over_at_once(
     keys = Keys(namespace)
     first = await cluster.worker("worker-a", FANOUT_SWEEP_INTERVAL="0.1", FANOUT_LEASE_TTL="30")
     await asyncio.sleep(0.5)
-    assert (await redis.get(lease_key(keys))) == b"worker-a"
+    assert (await redis.get(keys.sweeper_lease)) == b"worker-a"
     await cluster.worker("worker-b", FANOUT_SWEEP_INTERVAL="0.1", FANOUT_LEASE_TTL="30")
     assert first.terminate() == 0
     deadline = time.monotonic() + 5  # far less than the 30 s lease: it was released
     while time.monotonic() < deadline:
-        if await redis.get(lease_key(keys)) == b"worker-b":
+        if await redis.get(keys.sweeper_lease) == b"worker-b":
             return
         await asyncio.sleep(0.1)
     pytest.fail("the sweeper lease was not handed over on SIGTERM")

@@ -45,18 +45,6 @@ return 0
 """
 
 
-def lease_key(keys: Keys) -> str:
-    """The Redis key of the sweeper lease (its value is the holder's worker id)."""
-    # Here rather than in common/keys.py only because that module has another owner
-    # at the moment; it belongs there.
-    return f"{keys.ns}lease:sweeper"
-
-
-def log_key(keys: Keys) -> str:
-    """A bounded list of recent sweeps, newest first (JSON: worker, start, end, counts)."""
-    return f"{keys.ns}sweeps"
-
-
 class ExpirySweeper:
     """Expires overdue sessions while this worker holds the sweeper lease."""
 
@@ -71,8 +59,8 @@ class ExpirySweeper:
         lease_ttl: float,
     ) -> None:
         self._redis = redis
-        self._lease = lease_key(keys)
-        self._log = log_key(keys)
+        self._lease = keys.sweeper_lease
+        self._log = keys.sweeps
         self._changes = changes
         self._worker_id = worker_id
         self._interval = interval
