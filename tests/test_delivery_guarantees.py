@@ -9,7 +9,8 @@ from collections import defaultdict
 import asyncpg
 import redis.asyncio as aioredis
 
-from common.keys import Keys
+from common.entries import ChatEntry
+from common.keys import Keys, partition_of
 from tests.harness import (
     Client,
     Cluster,
@@ -135,3 +136,47 @@ async def test_worker_killed_mid_stream_loses_and_repeats_nothing(
         ]
         assert rows == ids, "stored exactly once, in send order"
     assert "reclaimed" in survivor.log(), "the dead worker's pending entries were claimed"
+
+
+async def test_poison_entries_are_dead_lettered_and_the_rest_flows(
+    cluster: Cluster, database_url: str, redis: aioredis.Redis, namespace: str
+) -> None:
+    """An entry that keeps failing goes to the dead-letter stream after FANOUT_MAX_ATTEMPTS
+    deliveries; an undecodable one at once; other conversations are not held up."""
+    node = await cluster.node()
+    await cluster.worker(FANOUT_MAX_ATTEMPTS="3")
+    keys = Keys(namespace)
+    session_id = await create_session(node, "vic")
+    partition = partition_of(session_id, 4)
+    stream = keys.partition_stream(partition)
+    # Written straight to the stream, as a buggy producer might: the node never would.
+    poison = ChatEntry(
+        session_id="not-a-uuid",
+        client_msg_id="p1",
+        user_id="vic",
+        device_id="v1",
+        content="boom",
+        metadata=None,
+        accepted_ms=0,
+    )
+    await redis.xadd(stream, {"c": poison.encode()})
+    await redis.xadd(stream, {"c": b"{not json"})
+    async with connect(node, "vic", "v1") as vic:
+        for i in range(3):
+            msg_id = await vic.chat(session_id, f"fine {i}")
+            await vic.until(is_type("message", message__client_msg_id=msg_id), timeout=20)
+    dead_key = keys.dead_letters(partition)
+    for _ in range(100):
+        if await redis.xlen(dead_key) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    dead = await redis.xrange(dead_key)
+    reasons = sorted(fields[b"reason"].decode()[:20] for _, fields in dead)
+    assert len(dead) == 2, dead
+    assert any("undecodable" in r for r in reasons)
+    for _ in range(50):
+        info = await redis.xinfo_groups(stream)
+        if info[0]["pending"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert info[0]["pending"] == 0, "dead letters are acknowledged, nothing stuck"

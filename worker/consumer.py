@@ -1,10 +1,14 @@
 """One owned partition stream, read through the consumer group and processed in order.
 
-Within a batch, conversations run concurrently and each conversation's entries run
-one after another. An entry is acknowledged only after its Postgres commit. When a
-backing service is down the entry is retried in place (not counted as a failure);
-any other failure leaves it and the rest of its conversation pending, to be read
-again, and after `max_attempts` deliveries it goes to the dead-letter stream.
+Entries stream through: each is chained behind the previous entry of its conversation
+(so a conversation runs in order) while other conversations run concurrently, and the
+reader keeps reading as long as fewer than MAX_INFLIGHT entries are in hand — a slow
+conversation does not hold up the others. An entry is acknowledged only after its
+Postgres commit. When a backing service is down the entry is retried in place (not
+counted as a failure); any other failure leaves it and the rest of its conversation
+pending: the reader then lets everything in hand finish and re-reads its pending
+entries in order, and after `max_attempts` deliveries an entry goes to the
+dead-letter stream.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ log = logging.getLogger("fanout.worker")
 BATCH = 100
 RETRY_PAUSE = 0.2
 TRIM_INTERVAL = 1.0
+# Entries of one partition in hand at once (read, not yet acknowledged or failed).
+MAX_INFLIGHT = 256
+# How long a read waits for new entries; acknowledgements are flushed between reads.
+READ_BLOCK_MS = 100
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -59,6 +67,10 @@ class PartitionConsumer:
         self.failures = 0
         self.dead_lettered = 0
         self._trimmed_at = 0.0
+        self._inflight: set[asyncio.Task[bool]] = set()
+        self._tails: dict[str, asyncio.Task[bool]] = {}
+        self._acks: list[bytes] = []
+        self._stream_failed = False
 
     def stop(self) -> None:
         """Finish the batch in hand, then return (graceful release)."""
@@ -68,18 +80,91 @@ class PartitionConsumer:
         await self._ensure_group()
         await self._adopt_orphans()
         retry_pending = True  # our own PEL may hold entries from before a restart
-        while not self._stopping:
-            if retry_pending:
-                entries = await self._read("0")
-                retry_pending = bool(entries)
-                if not entries:
-                    continue
-            else:
-                entries = await self._read(">", block=500)
-            if entries:
-                retry_pending = not await self._process(entries)
+        try:
+            while not self._stopping:
                 if retry_pending:
-                    await asyncio.sleep(RETRY_PAUSE)  # a failing entry is not hammered
+                    retry_pending = await self._retry_pending()
+                    continue
+                await self._make_room()
+                for entry_id, fields in await self._read(">", block=READ_BLOCK_MS):
+                    await self._dispatch(entry_id, fields)
+                await self._flush_acks()
+                retry_pending = self._stream_failed
+            await self._settle()
+        finally:
+            for task in self._inflight:  # cancelled (lease lost): the entries stay pending
+                task.cancel()
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _retry_pending(self) -> bool:
+        """Re-process our pending entries in order; True if some are still failing."""
+        await self._settle()
+        self._stream_failed = False
+        entries = await self._read("0")
+        if not entries:
+            return False
+        if await self._process(entries):
+            return True  # more may wait beyond this batch: read again
+        await asyncio.sleep(RETRY_PAUSE)  # a failing entry is not hammered
+        return True
+
+    async def _make_room(self) -> None:
+        while len(self._inflight) >= MAX_INFLIGHT:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            await self._flush_acks()
+
+    async def _settle(self) -> None:
+        """Let every entry in hand finish, then acknowledge them."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+        await self._flush_acks()
+
+    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry = ChatEntry.decode(fields.get(b"c", b""))
+        except BadEntry as exc:
+            await self._dead_letter(entry_id, fields, str(exc))
+            return
+        previous = self._tails.get(entry.session_id)
+        task = asyncio.create_task(self._after(previous, entry_id, entry))
+        self._tails[entry.session_id] = task
+        self._inflight.add(task)
+        task.add_done_callback(lambda done: self._forget(entry.session_id, done))
+
+    def _forget(self, session_id: str, task: asyncio.Task[bool]) -> None:
+        self._inflight.discard(task)
+        if self._tails.get(session_id) is task:
+            del self._tails[session_id]
+
+    async def _after(
+        self, previous: asyncio.Task[bool] | None, entry_id: bytes, entry: ChatEntry
+    ) -> bool:
+        """Process an entry once its conversation's previous entry succeeded."""
+        try:
+            if previous is not None and not await previous:
+                return False  # held back: pending, re-read in order after the failure
+            async with self._limit:
+                await self._with_retry(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            try:
+                dead = await self._failed(entry_id, entry, exc)
+            except Exception:
+                log.exception("partition %d: recording a failure failed", self.partition)
+                dead = False
+            if not dead:
+                self._stream_failed = True
+                return False
+        else:
+            self._acks.append(entry_id)
+        return True
+
+    async def _flush_acks(self) -> None:
+        if self._acks:
+            done, self._acks = self._acks, []
+            await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
+            await self._trim()
 
     async def _ensure_group(self) -> None:
         try:
