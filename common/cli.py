@@ -56,7 +56,75 @@ def _parser() -> argparse.ArgumentParser:
         help="a role to grant (repeatable)",
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+
+    _loadtest_parser(sub)
     return parser
+
+
+def _loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lt = sub.add_parser(
+        "loadtest",
+        help="drive many WebSocket connections and report throughput, latency and loss",
+        description="Load generator (SPEC §8). A delivery is one frame received by one "
+        "device. Redis is FANOUT_REDIS_URL (+ FANOUT_NAMESPACE): fanout mode publishes "
+        "there with the workers' delivery script.",
+    )
+    lt.add_argument(
+        "--url",
+        action="append",
+        help="node WebSocket URL, repeatable; connections go round-robin "
+        "(default ws://127.0.0.1:8080/ws)",
+    )
+    lt.add_argument("--mode", choices=["idle", "fanout", "chat"], default="fanout")
+    lt.add_argument("--connections", type=int, default=1000, help="connections (default 1000)")
+    lt.add_argument("--users", type=int, default=None, help="users (default connections / devices)")
+    lt.add_argument("--devices", type=int, default=2, help="devices per user (default 2)")
+    lt.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="fanout: deliveries (frames to devices) per second; chat: chats per second; "
+        "0 = as fast as possible (default)",
+    )
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds measured (default 10)")
+    lt.add_argument(
+        "--ramp", type=float, default=0.0, help="seconds over which to open the connections"
+    )
+    lt.add_argument("--payload", type=int, default=64, help="payload bytes per frame (default 64)")
+    lt.add_argument(
+        "--settle", type=float, default=3.0, help="seconds to wait for stragglers (default 3)"
+    )
+    lt.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="at --rate 0: frames (chat: chats) in flight at most "
+        "(default 2 per connection, at least 1000; chat 200)",
+    )
+    lt.add_argument(
+        "--batch", type=int, default=100, help="users per publish pipeline (default 100)"
+    )
+    lt.add_argument(
+        "--connect-concurrency", type=int, default=200, help="handshakes at once (default 200)"
+    )
+    lt.add_argument("--secret", default=None, help="HS256 secret (default FANOUT_JWT_SECRET)")
+    lt.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        help="a node process to read CPU and RSS of from /proc (repeatable)",
+    )
+    lt.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="load generator processes sharing the users (default 1; one process "
+        "tops out near one core)",
+    )
+    lt.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    lt.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    lt.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -108,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     issuer=settings.jwt_issuer,
                 )
             )
+        elif args.command == "loadtest":
+            from common.loadtest import main as run_loadtest
+
+            run_loadtest(args, settings)
     except ConfigError as exc:
         print(f"fanout: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,10 @@ reference for client authors. It keeps the newest seq it has handed over; every
 (re)connect asks for `last_seq`, so the node replays what was missed. A frame whose
 seq is not new is a duplicate and dropped; a seq past the next one is a gap, which
 a correct cluster never produces (it is counted, so checkers can assert on it).
+
+A receiver of many frames (the load generator) can take logged frames raw with
+`on_logged(seq, text)`: the seq is read from the fixed ``{"seq":N,`` prefix the
+delivery script writes, and the frame is not JSON-parsed at all (see common/bus.py).
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ import orjson
 log = logging.getLogger("fanout.client")
 
 FrameHandler = Callable[[dict[str, Any]], None]
+# A logged frame handed over raw: (seq, the frame's text). Called only for new seqs.
+LoggedHandler = Callable[[int, str], None]
+# A logged frame dropped as not new: its seq (a duplicate, or one that came late).
+StaleHandler = Callable[[int], None]
+
+SEQ_PREFIX = '{"seq":'
+_SEQ_AT = len(SEQ_PREFIX)
 
 
 @dataclass
 class ClientStats:
     connects: int = 0
+    failed_attempts: int = 0
     delivered: int = 0
     duplicates: int = 0
     gaps: int = 0
@@ -49,25 +61,36 @@ class FanoutClient:
         last_seq: int | None = None,
         session_id: str | None = None,
         backoff: tuple[float, float] = (0.05, 2.0),
+        on_logged: LoggedHandler | None = None,
+        on_stale: StaleHandler | None = None,
+        http: aiohttp.ClientSession | None = None,
+        first_url: int | None = None,
     ) -> None:
+        """`on_logged` takes logged frames raw instead of `on_frame` (see the module doc);
+        `http` is a session shared with other clients (not closed here); `first_url` is
+        the index in `urls` to try first (default: a random one)."""
         self._urls = urls
         self._token = token if callable(token) else (lambda: token)
         self.device_id = device_id
         self._on_frame = on_frame or (lambda frame: None)
+        self._on_logged = on_logged
+        self._on_stale = on_stale
         self.last_seq = last_seq
         self._session_id = session_id
         self._backoff = backoff
-        self._next_url = random.randrange(len(urls))
+        self._next_url = random.randrange(len(urls)) if first_url is None else first_url
         self.stats = ClientStats()
         self.node_id: str | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._http: aiohttp.ClientSession | None = None
+        self._http = http
+        self._own_http = http is None
         self.fatal: str | None = None
 
     async def __aenter__(self) -> FanoutClient:
-        self._http = aiohttp.ClientSession()
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
         self._task = asyncio.create_task(self._run(), name=f"client-{self.device_id}")
         return self
 
@@ -78,11 +101,26 @@ class FanoutClient:
                 await self._task
         if self._ws is not None:
             await self._ws.close()
-        if self._http is not None:
+        if self._http is not None and self._own_http:
             await self._http.close()
 
     async def wait_connected(self, within: float = 10) -> None:
-        await asyncio.wait_for(self._connected.wait(), within)
+        """Wait for a live connection: TimeoutError after `within` s, ConnectionError if refused."""
+        if self._connected.is_set():
+            return
+        waiter = asyncio.ensure_future(self._connected.wait())
+        watched: list[asyncio.Future[Any]] = [waiter]
+        if self._task is not None:
+            watched.append(self._task)
+        try:
+            await asyncio.wait(watched, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if self._connected.is_set():
+            return
+        if self._task is not None and self._task.done():
+            raise ConnectionError(self.fatal or "the client stopped")
+        raise TimeoutError(f"{self.device_id}: not connected after {within} s")
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Send on the current connection (waits for one)."""
@@ -115,6 +153,7 @@ class FanoutClient:
                     )
                     return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.stats.failed_attempts += 1
                 log.debug("%s: %s: %r", self.device_id, url, exc)
             self._connected.clear()
             # Capped exponential back-off with jitter: a node dying must not make all
@@ -138,11 +177,18 @@ class FanoutClient:
         )
         self._ws = ws
         self.stats.connects += 1
+        lean = self._on_logged
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
-                self._receive(orjson.loads(msg.data))
+                data = msg.data
+                if lean is not None and data.startswith(SEQ_PREFIX):
+                    seq = int(data[_SEQ_AT : data.index(",", _SEQ_AT)])
+                    if self._accept(seq):
+                        lean(seq, data)
+                    continue
+                self._receive(orjson.loads(data))
         finally:
             if ws.close_code is not None:
                 self.stats.closes.append(ws.close_code)
@@ -159,14 +205,21 @@ class FanoutClient:
         elif kind == "resumed" and not frame["complete"]:
             self.stats.incomplete_resumes += 1
         seq = frame.get("seq")
-        if seq is not None:
-            last = self.last_seq or 0
-            if seq <= last:
-                self.stats.duplicates += 1
-                return
-            if seq > last + 1:
-                self.stats.gaps += 1
-                self.stats.missed += seq - last - 1
-            self.last_seq = seq
-            self.stats.delivered += 1
+        if seq is not None and not self._accept(seq):
+            return
         self._on_frame(frame)
+
+    def _accept(self, seq: int) -> bool:
+        """Whether a logged frame is new (handed over) or not (dropped as a duplicate)."""
+        last = self.last_seq or 0
+        if seq <= last:
+            self.stats.duplicates += 1
+            if self._on_stale is not None:
+                self._on_stale(seq)
+            return False
+        if seq > last + 1:
+            self.stats.gaps += 1
+            self.stats.missed += seq - last - 1
+        self.last_seq = seq
+        self.stats.delivered += 1
+        return True

@@ -1,0 +1,354 @@
+"""`fanout loadtest`: many devices on FanoutClient, driven in `idle`, `fanout` or `chat` mode.
+
+`fanout` publishes logged `notification` frames with Bus.deliver, the workers' own
+path, with the publish time (monotonic µs, one clock for every process on the host)
+as the frame's first field after the seq: ``{"seq":N,"ts":T,...``. Receivers read
+both numbers from that prefix without parsing the JSON (common/loadtest_fleet.py).
+Bus.deliver returns each user's seq, so the run knows every seq it published and,
+after the settle period, counts exactly which each device lacks (lost), got twice
+(duplicated) or got after a newer one (out of order).
+
+A delivery is one frame received by one device; `--rate` counts those, so a user
+publish reaches `--devices` of them. `--rate 0` is as fast as possible: publishing
+pauses while more than `--window` frames are in flight, so the nodes are measured at
+the rate they sustain rather than at the size of their queues. The measured window
+is the publishing (chat: sending; idle: holding) period; CPU is read from /proc at
+its start and end, for this process and for every `--server-pid`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from common.bus import Bus, connect_redis
+from common.config import ConfigError, Settings
+from common.loadtest_chat import ChatDriver
+from common.loadtest_fleet import (
+    MODES,
+    Fleet,
+    LoadConfig,
+    Tally,
+    monotonic_us,
+    progress,
+    raise_fd_limit,
+)
+from common.loadtest_multi import run_processes, shard_sync
+from common.loadtest_report import Report, SeqRanges, cpu_seconds, rss_bytes
+
+log = logging.getLogger("fanout.loadtest")
+
+# Seconds between publishes at a fixed rate (see `publish`).
+PACE_TICK = 0.002
+
+Deliver = Callable[[list[str], bytes], Awaitable[dict[str, int]]]
+Sync = Callable[[str], Awaitable[None]]
+
+
+class Probe:
+    """CPU (own, servers', Redis') and delivered counts at the start and end of the window."""
+
+    def __init__(self, pids: tuple[int, ...], tally: Tally, bus: Bus) -> None:
+        self._pids, self._tally, self._bus = pids, tally, bus
+        self.at: list[dict[str, Any]] = []
+
+    async def mark(self) -> None:
+        info: Any = {}
+        with contextlib.suppress(Exception):
+            info = await self._bus.redis.info("cpu")
+        self.at.append(
+            {
+                "t": time.perf_counter(),
+                "self": cpu_seconds(),
+                "servers": [cpu_seconds(p) for p in self._pids],
+                "redis": float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)),
+                "delivered": self._tally.delivered,
+            }
+        )
+
+    def window(self) -> float:
+        return self.at[-1]["t"] - self.at[0]["t"] if len(self.at) > 1 else 0.0
+
+    def delta(self, key: str) -> float:
+        first, last = self.at[0][key], self.at[-1][key]
+        if isinstance(first, list):
+            return float(sum(b - a for a, b in zip(first, last, strict=True)))
+        return float(last - first)
+
+
+def fanout_body(payload: int, sent_us: int) -> bytes:
+    """A notification frame without its leading "{" (the delivery script adds the seq)."""
+    return b'"ts":%d,"type":"notification","level":"info","title":"loadtest","body":"%s"}' % (
+        sent_us,
+        b"x" * payload,
+    )
+
+
+async def publish(
+    config: LoadConfig,
+    fleet: Fleet,
+    tally: Tally,
+    deliver: Deliver,
+    published: dict[str, SeqRanges],
+) -> int:
+    """Publish for `duration` seconds at `rate` (or as fast as the window allows); how many
+    user deliveries were published."""
+    users = fleet.users
+    per_user_rate = config.rate * config.share / config.devices
+    # Frames owed by each publish to a user: its devices that connected.
+    owed = {u: 0 for u in users}
+    for device in fleet.connected:
+        owed[device.user] += 1
+    count = cursor = in_flight = 0
+    started = time.monotonic()
+    deadline = started + config.duration
+
+    async def one_batch(size: int) -> None:
+        nonlocal cursor, count, in_flight
+        batch = [users[(cursor + i) % len(users)] for i in range(size)]
+        cursor = (cursor + size) % len(users)
+        count += size
+        sent = monotonic_us()
+        try:
+            seqs = await deliver(batch, fanout_body(config.payload, sent))
+        except Exception as exc:
+            tally.error("publish")
+            log.warning("publish failed: %s", exc)
+            return
+        tally.publish.record(monotonic_us() - sent)
+        for user, seq in seqs.items():
+            published[user].add(seq)
+            in_flight += owed[user]
+
+    async def paced() -> None:
+        # Whatever fell due in a tick goes out as one pipeline: a Bus.deliver call costs
+        # ~150 µs of client CPU however small, so one call per user would make the load
+        # generator, not the nodes, the busiest process at a few thousand per second.
+        while (now := time.monotonic()) < deadline:
+            due = int((now - started) * per_user_rate) - count
+            if due <= 0:
+                await asyncio.sleep(max(PACE_TICK, (count + 1) / per_user_rate - (now - started)))
+                continue
+            await one_batch(min(due, config.batch))
+
+    async def flat_out() -> None:
+        while time.monotonic() < deadline:
+            if in_flight - tally.delivered > config.in_flight:
+                await asyncio.sleep(0.0005)
+                continue
+            await one_batch(config.batch)
+
+    if per_user_rate > 0:
+        await paced()
+    else:
+        # Two pipelines in flight keep Redis busy while the other one's replies are read.
+        await asyncio.gather(flat_out(), flat_out())
+    return sum(len(seqs) for seqs in published.values())
+
+
+async def settle(config: LoadConfig, tally: Tally, expected: int) -> None:
+    """Wait for stragglers: until everything arrived, or `settle` seconds."""
+    deadline = time.monotonic() + config.settle
+    # Polled: an event set per received frame would cost more than the wait.
+    while time.monotonic() < deadline:
+        if tally.delivered >= expected:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def run(
+    config: LoadConfig,
+    settings: Settings,
+    *,
+    deliver: Deliver | None = None,
+    sync: Sync | None = None,
+) -> Report:
+    """One load test in this process.
+
+    `deliver` replaces Bus.deliver (tests: a deliberately lossy bus); `sync(stage)` is
+    awaited once connected ("ready") and when the measured window ends ("done"), so
+    several processes can run one test (common/loadtest_multi.py).
+    """
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    raise_fd_limit(len(config.user_indices) * config.devices)
+    tally = Tally()
+    fleet = Fleet(config, tally, config.run_id or uuid.uuid4().hex[:8])
+    redis = await connect_redis(settings)
+    bus = Bus(redis, settings)
+    probe = Probe(config.server_pids, tally, bus)
+    report = Report(config.mode, config.urls, config.public())
+    rss_before = [rss_bytes(p) for p in config.server_pids]
+    self_rss_before = rss_bytes()
+    ticker = asyncio.create_task(progress(fleet, tally)) if config.progress else None
+    try:
+        if config.mode == "fanout":
+            await fleet.open(lambda d: {"on_logged": d.on_logged})
+        elif config.mode == "chat":
+            chat = ChatDriver(config, fleet, tally)
+            await fleet.open(chat.handlers)
+            await chat.prepare()
+        else:
+            await fleet.open()
+        # Thousands of long-lived client objects: keep the cyclic GC from rescanning them.
+        gc.collect()
+        gc.freeze()
+        report.connections = fleet.connection_stats()
+        if sync is not None:
+            await sync("ready")
+        await probe.mark()
+        if config.mode == "fanout":
+            published = {u: SeqRanges() for u in fleet.users}
+            report.published = await publish(
+                config, fleet, tally, deliver or bus.deliver, published
+            )
+            await probe.mark()
+            if sync is not None:
+                await sync("done")
+            report.expected = sum(len(published[d.user]) for d in fleet.connected)
+            await settle(config, tally, report.expected)
+            _account(report, fleet, published)
+        elif config.mode == "chat":
+            await chat.run(report)
+            await probe.mark()
+            if sync is not None:
+                await sync("done")
+            await chat.settle()
+            chat.account(report)
+        else:
+            await asyncio.sleep(config.duration)
+            await probe.mark()
+            if sync is not None:
+                await sync("done")
+        report.connections = fleet.connection_stats()
+        report.delivered = tally.delivered
+        report.delivered_in_window = int(probe.delta("delivered"))
+        report.window_s = probe.window()
+        report.latency_ms = tally.latency.summary_ms()
+        report.publish_ms = tally.publish.summary_ms() if tally.publish.count else None
+        report.errors = {**tally.errors, **{f"close:{k}": v for k, v in _bad_closes(fleet)}}
+        _costs(report, probe, config, rss_before, self_rss_before)
+        if config.shard is not None:
+            report.raw = {
+                "latency": tally.latency.sparse(),
+                "publish": tally.publish.sparse(),
+                "connect_s": fleet.connect_times(),
+                "own_cpu_seconds": probe.delta("self"),
+                "delivered_in_window": report.delivered_in_window,
+            }
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        gc.unfreeze()
+        await fleet.close()
+        await redis.aclose()
+    return report
+
+
+def _account(report: Report, fleet: Fleet, published: dict[str, SeqRanges]) -> None:
+    for device in fleet.connected:
+        report.lost += device.received.missing_from(published[device.user], device.baseline)
+        report.duplicated += device.duplicated
+        report.out_of_order += device.out_of_order
+        assert device.client is not None
+        report.gaps += device.client.stats.gaps
+
+
+def _bad_closes(fleet: Fleet) -> list[tuple[str, int]]:
+    closes: dict[str, int] = fleet.connection_stats()["closes"]
+    return [(code, n) for code, n in closes.items() if code != "1000"]
+
+
+def _costs(
+    report: Report, probe: Probe, config: LoadConfig, rss_before: list[int], self_rss: int
+) -> None:
+    report.set_costs(
+        own_cpu=probe.delta("self"),
+        rss=rss_bytes(),
+        rss_grown=rss_bytes() - self_rss,
+        redis_cpu=probe.delta("redis"),
+    )
+    if config.server_pids:
+        rss_after = [rss_bytes(p) for p in config.server_pids]
+        report.set_servers(config.server_pids, probe.delta("servers"), rss_before, rss_after)
+
+
+def config_from_args(args: Any, settings: Settings) -> LoadConfig:
+    """The run `fanout loadtest` was asked for; ConfigError on a bad combination."""
+    secret = args.secret or settings.jwt_secret
+    if not secret:
+        raise ConfigError("fanout loadtest signs tokens with FANOUT_JWT_SECRET (or --secret)")
+    if args.devices < 1 or args.connections < 1:
+        raise ConfigError("--connections and --devices must be at least 1")
+    connections = args.connections
+    if args.users is not None:
+        if args.users < 1:
+            raise ConfigError("--users must be at least 1")
+        connections = args.users * args.devices
+    if connections < args.devices:
+        raise ConfigError("--connections must be at least --devices")
+    for name in ("rate", "duration", "ramp", "settle"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must not be negative")
+    if not 1 <= args.processes <= 64:
+        raise ConfigError("--processes must be between 1 and 64")
+    if args.shard is not None and not 0 <= args.shard < args.processes:
+        raise ConfigError("--shard must be below --processes")
+    return LoadConfig(
+        urls=args.url or ["ws://127.0.0.1:8080/ws"],
+        secret=secret,
+        mode=args.mode,
+        connections=connections - connections % args.devices,
+        devices=args.devices,
+        rate=args.rate,
+        duration=args.duration,
+        ramp=args.ramp,
+        payload=args.payload,
+        settle=args.settle,
+        window=args.window,
+        batch=max(1, args.batch),
+        connect_concurrency=max(1, args.connect_concurrency),
+        server_pids=tuple(args.server_pid or ()),
+        progress=not args.quiet,
+        processes=args.processes,
+        shard=args.shard,
+        run_id=args.run_id or "",
+    )
+
+
+def main(args: Any, settings: Settings) -> None:
+    """`fanout loadtest`: run, print the report (text or --json); exit 1 if anything was lost."""
+    import orjson
+
+    from common.runtime import run as run_loop
+
+    config = config_from_args(args, settings)
+    result: list[Report] = []
+
+    async def go() -> None:
+        if config.shard is not None:
+            result.append(await run(config, settings, sync=shard_sync))
+        elif config.processes > 1:
+            result.append(await run_processes(config))
+        else:
+            result.append(await run(config, settings))
+
+    run_loop(go())
+    report = result[0]
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    else:
+        print(report.text())
+    broken = report.lost or report.duplicated or report.out_of_order
+    if broken or report.connections.get("failed"):
+        sys.exit(1)
