@@ -123,6 +123,11 @@ def _loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     lt.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
     lt.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    lt.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep the run's users' Redis keys and chat sessions (deleted by default)",
+    )
     lt.add_argument("--json", action="store_true", help="print the report as JSON")
     lt.add_argument("--quiet", action="store_true", help="no progress line")
 

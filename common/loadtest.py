@@ -178,6 +178,7 @@ async def run(
     """
     if config.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    chat: ChatDriver | None = None
     raise_fd_limit(len(config.user_indices) * config.devices)
     tally = Tally()
     fleet = Fleet(config, tally, config.run_id or uuid.uuid4().hex[:8])
@@ -215,7 +216,7 @@ async def run(
             report.expected = sum(len(published[d.user]) for d in fleet.connected)
             await settle(config, tally, report.expected)
             _account(report, fleet, published)
-        elif config.mode == "chat":
+        elif chat is not None:
             await chat.run(report)
             await probe.mark()
             if sync is not None:
@@ -249,9 +250,23 @@ async def run(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         gc.unfreeze()
+        if chat is not None and not config.keep_data:
+            await chat.delete_sessions()
         await fleet.close()
+        if not config.keep_data:
+            await forget_users(bus, fleet.users)
         await redis.aclose()
     return report
+
+
+async def forget_users(bus: Bus, users: list[str]) -> None:
+    """Delete the run's per-user keys: every run has fresh users, whose seq counters and
+    logs would otherwise stay in Redis for days (SEQ_TTL, FANOUT_USER_LOG_TTL)."""
+    k = bus.keys
+    names = [n for u in users for n in (k.seq(u), k.log(u), k.devices(u), k.device_conns(u))]
+    with contextlib.suppress(Exception):  # best effort: the data expires anyway
+        for start in range(0, len(names), 1000):
+            await bus.redis.unlink(*names[start : start + 1000])
 
 
 def _account(report: Report, fleet: Fleet, published: dict[str, SeqRanges]) -> None:
@@ -319,6 +334,7 @@ def config_from_args(args: Any, settings: Settings) -> LoadConfig:
         connect_concurrency=max(1, args.connect_concurrency),
         server_pids=tuple(args.server_pid or ()),
         progress=not args.quiet,
+        keep_data=args.keep_data,
         processes=args.processes,
         shard=args.shard,
         run_id=args.run_id or "",

@@ -13,10 +13,13 @@ still owes some device after the settle period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 from common.loadtest_fleet import Device, Fleet, LoadConfig, Tally, monotonic_us
 from common.loadtest_report import LatencyHistogram, Report
@@ -107,7 +110,7 @@ class ChatDriver:
         gate = asyncio.Semaphore(SESSION_CONCURRENCY)
 
         async def one(i: int, user: str) -> None:
-            base = urls[i % len(urls)].replace("ws://", "http://", 1).rsplit("/ws", 1)[0]
+            base = _http_base(urls[i % len(urls)])
             async with (
                 gate,
                 http.post(
@@ -122,6 +125,25 @@ class ChatDriver:
                 self.sessions[user] = (await resp.json())["id"]
 
         await asyncio.gather(*(one(i, u) for i, u in enumerate(self.fleet.users)))
+
+    async def delete_sessions(self) -> None:
+        """Delete the run's sessions (and their messages) over HTTP, as their owners."""
+        assert self.fleet.http is not None
+        http, base = self.fleet.http, _http_base(self.config.urls[0])
+        gate = asyncio.Semaphore(SESSION_CONCURRENCY)
+
+        async def one(user: str, session_id: str) -> None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with (
+                    gate,
+                    http.delete(
+                        f"{base}/api/v1/sessions/{session_id}",
+                        headers={"Authorization": f"Bearer {self.fleet.tokens[user]}"},
+                    ),
+                ):
+                    pass
+
+        await asyncio.gather(*(one(u, s) for u, s in self.sessions.items()))
 
     async def prepare(self) -> None:
         """Sessions over HTTP, then a warm-up chat in each (all before the measured window).
@@ -241,3 +263,8 @@ class ChatDriver:
             "reply_ms": self.reply_all.summary_ms(),
             "warm_up": self.warm_up,
         }
+
+
+def _http_base(ws_url: str) -> str:
+    """http(s)://host:port of a node from its WebSocket URL."""
+    return ws_url.replace("ws", "http", 1).rsplit("/ws", 1)[0]

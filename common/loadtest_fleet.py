@@ -58,6 +58,7 @@ class LoadConfig:
     server_pids: tuple[int, ...] = ()
     progress: bool = True
     token_ttl: float = 3600.0
+    keep_data: bool = False  # leave the run's sessions and per-user Redis keys in place
     # Load generator processes, and which of them this one is (None: the parent, or
     # the only one). Process i holds users i, i + processes, ... (common/loadtest_multi.py).
     processes: int = 1

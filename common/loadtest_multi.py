@@ -59,7 +59,7 @@ def shard_args(config: LoadConfig, shard: int, run_id: str) -> list[str]:
         ("--run-id", run_id),
     ):
         args += [flag, str(value)]
-    return args
+    return [*args, "--keep-data"] if config.keep_data else args
 
 
 async def run_processes(config: LoadConfig) -> Report:
