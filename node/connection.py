@@ -15,6 +15,8 @@ from common.protocol import CloseCode
 
 log = logging.getLogger("fanout.node")
 
+_TEXT = int(WSMsgType.TEXT)
+
 # A peer that does not read our close frame within this time is cut (SPEC §4).
 CLOSE_TIMEOUT = 10.0
 
@@ -99,6 +101,8 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._on_slow_close = on_slow_close
+        self._direct: Callable[[bytes, int, int], None] | None = None
+        self._direct_writes = 0
         self._on_drop = on_drop
         # Delivery latency: when the queue last became non-empty, and who is told
         # (once per written batch, not per frame) how long that batch waited.
@@ -110,15 +114,33 @@ class Connection:
         return self._closing
 
     def start(self) -> None:
+        """Once the upgrade is done: the writer task, and the direct write path."""
+        # aiohttp writes an uncompressed frame synchronously and only then awaits its
+        # flow control; `send` does its own (the byte bound), so when nothing is queued
+        # it calls that synchronous step directly. Private API: without it, every frame
+        # goes through the writer task as before.
+        writer = getattr(self.ws, "_writer", None)
+        self._direct = getattr(writer, "_write_websocket_frame", None)
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.conn_id}")
 
     def send(self, frame: bytes) -> None:
-        """Queue a frame; over the bound, close the connection with 1013 (try again later)."""
+        """Write or queue a frame; over the bound, close the connection with 1013."""
         if self._closing:
             self._on_drop(1)
             return
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        if not self._queue and self._direct is not None and buffered + len(frame) <= self._limit:
+            # Nothing waits before it: straight into the socket, no task wake-up.
+            self._direct(frame, _TEXT, 0)
+            # These waited no time; 1 in 16 is observed, which keeps the latency
+            # histogram's shape at a sixteenth of the cost per delivery.
+            self._direct_writes += 1
+            if self._direct_writes & 15 == 1:
+                self._on_written(0.0)
+            return
         self._queued += len(frame)
-        if self._queued > self._limit:
+        if self._queued + buffered > self._limit:
             self._on_drop(1)
             self._on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
