@@ -151,11 +151,22 @@ class Connection:
         self._wake.set()
 
     async def send_paced(self, frame: bytes) -> None:
-        """Queue a frame once the queue is under half its bound (replays: no 1013 for those)."""
+        """Queue a frame once the queue is under half its bound (replays: no 1013 for those).
+
+        It skips the direct path and the bound check: the writer task awaits the socket's
+        flow control, and this waits for the writer, so a replay is paced, not cut.
+        """
         while self._queued > self._limit // 2 and not self._closing:
             self._drained.clear()
             await self._drained.wait()
-        self.send(frame)
+        if self._closing:
+            self._on_drop(1)
+            return
+        self._queued += len(frame)
+        if not self._queue:
+            self._waiting_since = time.perf_counter()
+        self._queue.append(frame)
+        self._wake.set()
 
     def close(self, code: int, reason: str) -> None:
         """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
