@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from common.lease import Leases
 from common.queues import queue_depths
 from common.stats import (
     NODE,
@@ -44,22 +45,6 @@ CONNECTIONS_SYNC_EVERY = 1.0
 # Fields per HSET/HDEL command when a node (re)writes a large connection hash.
 HASH_CHUNK = 1000
 
-# KEYS: lease; ARGV: holder, ttl ms. Take the lease if free, renew it if ours.
-_HOLD = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lease; ARGV: holder. Give the lease up only if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def counter_value(metric: Any) -> float:
     """The value of an unlabelled prometheus-client Counter (its `_total` sample)."""
@@ -83,8 +68,7 @@ class NodeStats:
         self._written: set[str] = set()
         self._synced = False
         self._synced_at = 0.0
-        self._hold = state.redis.register_script(_HOLD)
-        self._release = state.redis.register_script(_RELEASE)
+        self._leases = Leases(state.redis, state.settings.node_id, state.settings.lease_ttl)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> NodeStats:
@@ -107,9 +91,7 @@ class NodeStats:
         try:
             async with asyncio.timeout(2):
                 await remove_stats(state.redis, state.keys, NODE, state.settings.node_id)
-                await self._release(
-                    keys=[state.keys.stats_historian], args=[self._sampler.process_id]
-                )
+                await self._leases.release(state.keys.stats_historian)
         except Exception as exc:  # the entries expire by themselves within the TTL
             log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
 
@@ -212,11 +194,7 @@ class NodeStats:
     async def _historian(self) -> None:
         """Append the cluster totals to the history, if this node holds the historian lease."""
         state = self._state
-        ttl_ms = int(state.settings.lease_ttl * 1000)
-        held = await self._hold(
-            keys=[state.keys.stats_historian], args=[state.settings.node_id, ttl_ms]
-        )
-        if not held:
+        if not await self._leases.hold(state.keys.stats_historian):
             return
         nodes, workers, depths = await asyncio.gather(
             read_processes(state.redis, state.keys, NODE),

@@ -14,20 +14,7 @@ import time
 import redis.asyncio as aioredis
 
 from common.keys import Keys
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from common.lease import Leases
 
 
 class PartitionLeases:
@@ -39,8 +26,7 @@ class PartitionLeases:
         self.worker_id = worker_id
         self._partitions = partitions
         self._ttl_ms = int(ttl * 1000)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._leases = Leases(redis, worker_id, ttl)
         self.owned: set[int] = set()
         self.valid_until = 0.0
 
@@ -62,10 +48,7 @@ class PartitionLeases:
         started = time.monotonic()
         lost = set()
         for partition in sorted(self.owned):
-            ok = await self._renew(
-                keys=[self._keys.partition_lease(partition)], args=[self.worker_id, self._ttl_ms]
-            )
-            if not ok:
+            if not await self._leases.hold(self._keys.partition_lease(partition)):
                 lost.add(partition)
         self.owned -= lost
         self.valid_until = started + self._ttl_ms / 1000
@@ -79,17 +62,14 @@ class PartitionLeases:
         for partition in free:
             if len(self.owned) >= wanted:
                 break
-            taken = await self._redis.set(
-                self._keys.partition_lease(partition), self.worker_id, nx=True, px=self._ttl_ms
-            )
-            if taken:
+            if await self._leases.hold(self._keys.partition_lease(partition)):
                 self.owned.add(partition)
                 gained.add(partition)
         return gained
 
     async def release(self, partition: int) -> None:
         self.owned.discard(partition)
-        await self._release(keys=[self._keys.partition_lease(partition)], args=[self.worker_id])
+        await self._leases.release(self._keys.partition_lease(partition))
 
     async def leave(self) -> None:
         """Give up every lease and the heartbeat (graceful stop)."""

@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from common.keys import Keys
+from common.lease import Leases
 from common.sessions import SessionChanges
 
 log = logging.getLogger("fanout.sweeper")
@@ -29,20 +30,6 @@ MAX_BATCHES = 20
 # A change younger than this is still being announced by whoever made it.
 ANNOUNCE_GRACE = 2.0
 SWEEP_LOG_LENGTH = 100
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 class ExpirySweeper:
@@ -64,15 +51,13 @@ class ExpirySweeper:
         self._changes = changes
         self._worker_id = worker_id
         self._interval = interval
-        self._lease_ms = int(lease_ttl * 1000)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._leases = Leases(redis, worker_id, lease_ttl)
         self.holding = False
         self.sweeps = 0
 
     async def run(self) -> None:
         """Hold the lease when free and sweep every interval; until cancelled."""
-        renew_every = self._lease_ms / 3000
+        renew_every = self._leases.ttl_ms / 3000
         due = time.monotonic()
         held = False
         while True:
@@ -127,19 +112,15 @@ class ExpirySweeper:
         """Give the lease up (graceful stop) so another worker sweeps at once."""
         if self.holding:
             self.holding = False
-            await self._release(keys=[self._lease], args=[self._worker_id])
+            await self._leases.release(self._lease)
 
     async def _hold(self) -> bool:
         """Renew the lease if held, else try to take it; True while this worker holds it."""
-        if self.holding:
-            self.holding = bool(
-                await self._renew(keys=[self._lease], args=[self._worker_id, self._lease_ms])
+        held = await self._leases.hold(self._lease)
+        if held != self.holding:
+            log.log(
+                logging.INFO if held else logging.WARNING,
+                "holding the sweeper lease" if held else "lost the sweeper lease",
             )
-            if not self.holding:
-                log.warning("lost the sweeper lease")
-        if not self.holding:
-            taken = await self._redis.set(self._lease, self._worker_id, nx=True, px=self._lease_ms)
-            self.holding = bool(taken)
-            if self.holding:
-                log.info("holding the sweeper lease")
-        return self.holding
+        self.holding = held
+        return held
