@@ -18,7 +18,7 @@ import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import orjson
 import redis.asyncio as aioredis
@@ -135,6 +135,61 @@ class ProcessSampler:
             "loop_lag_ms": round(self.lag.take() * 1000, 3),
             "rss_bytes": rss_bytes(),
         }
+
+
+class StatsWriter:
+    """Owns a process's stats tasks: `async with` starts them, leaving removes its entry.
+
+    Subclasses write their numbers in `tick` (every FANOUT_STATS_INTERVAL) and may let
+    go of more in `on_stop`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        process_id: str,
+        interval: float,
+        started_at: float,
+        redis: aioredis.Redis,
+        keys: Keys,
+    ) -> None:
+        self._kind = kind
+        self._process_id = process_id
+        self._interval = interval
+        self._redis = redis
+        self._keys = keys
+        self._sampler = ProcessSampler(kind, process_id, interval)
+        self._sampler.started_at = started_at
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        self._tasks = [
+            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
+            asyncio.create_task(
+                report_every(self._interval, self.tick, self._kind), name=f"{self._kind}-stats"
+            ),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            async with asyncio.timeout(2):
+                await remove_stats(self._redis, self._keys, self._kind, self._process_id)
+                await self.on_stop()
+        except Exception as exc:  # the entries expire by themselves within the TTL
+            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
+
+    async def tick(self) -> None:
+        """One stats write."""
+        raise NotImplementedError
+
+    async def on_stop(self) -> None:
+        """Anything else to give up at a clean stop."""
 
 
 async def report_every(interval: float, tick: Callable[[], Awaitable[None]], what: str) -> None:

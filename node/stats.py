@@ -10,10 +10,8 @@ also appends the cluster totals to the history stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -23,14 +21,12 @@ from common.queues import queue_depths
 from common.stats import (
     NODE,
     WORKER,
-    ProcessSampler,
     Rates,
+    StatsWriter,
     append_history,
     history_point,
     quantile,
     read_processes,
-    remove_stats,
-    report_every,
     stats_writes,
     summarize,
 )
@@ -55,45 +51,29 @@ def counter_value(metric: Any) -> float:
     return 0.0
 
 
-class NodeStats:
-    """Owns the node's stats task; `async with` starts it, leaving removes the entry."""
+class NodeStats(StatsWriter):
+    """The node's stats (and, while it holds the historian lease, the cluster history)."""
 
     def __init__(self, state: NodeState) -> None:
         settings = state.settings
+        super().__init__(
+            NODE,
+            settings.node_id,
+            settings.stats_interval,
+            state.started_at or time.time(),
+            state.redis,
+            state.keys,
+        )
         self._state = state
-        self._sampler = ProcessSampler(NODE, settings.node_id, settings.stats_interval)
-        self._sampler.started_at = state.started_at or time.time()
         self._rates = Rates()
         self._latency_seen = list(state.metrics.delivery_latency.counts)
         self._written: set[str] = set()
         self._synced = False
         self._synced_at = 0.0
-        self._leases = Leases(state.redis, state.settings.node_id, state.settings.lease_ttl)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._leases = Leases(state.redis, settings.node_id, settings.lease_ttl)
 
-    async def __aenter__(self) -> NodeStats:
-        every = self._state.settings.stats_interval
-        self._tasks = [
-            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
-            asyncio.create_task(report_every(every, self.tick, "node"), name="node-stats"),
-        ]
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        state = self._state
-        try:
-            async with asyncio.timeout(2):
-                await remove_stats(state.redis, state.keys, NODE, state.settings.node_id)
-                await self._leases.release(state.keys.stats_historian)
-        except Exception as exc:  # the entries expire by themselves within the TTL
-            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
+    async def on_stop(self) -> None:
+        await self._leases.release(self._state.keys.stats_historian)
 
     async def tick(self) -> None:
         """One stats write (and, as historian, one history point)."""

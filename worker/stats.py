@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
 from common.keys import Keys
 from common.queues import queue_depths
-from common.stats import WORKER, ProcessSampler, Rates, remove_stats, report_every, stats_writes
+from common.stats import WORKER, Rates, StatsWriter, stats_writes
 
 if TYPE_CHECKING:
     from worker.consumer import PartitionConsumer
@@ -46,44 +43,25 @@ class ConsumerTally:
         self._seen = {c: (c.failures, c.dead_lettered) for c in current}
 
 
-class WorkerStats:
-    """Owns the worker's stats task; `async with` starts it, leaving removes the entry."""
+class WorkerStats(StatsWriter):
+    """The worker's stats: partitions, processed/s, failures, queue depth."""
 
     def __init__(self, worker: Worker, redis: aioredis.Redis) -> None:
         settings = worker.settings
+        super().__init__(
+            WORKER,
+            settings.node_id,
+            settings.stats_interval,
+            worker.started_at,
+            redis,
+            Keys(settings.namespace),
+        )
         self._worker = worker
-        self._redis = redis
-        self._keys = Keys(settings.namespace)
-        self._sampler = ProcessSampler(WORKER, settings.node_id, settings.stats_interval)
-        self._sampler.started_at = worker.started_at
         self._rates = Rates()
         self.tally = ConsumerTally()
         self.depths: dict[int, int] = {}
         self._depths_at = 0.0
         self.latest: dict[str, Any] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> WorkerStats:
-        every = self._worker.settings.stats_interval
-        self._tasks = [
-            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
-            asyncio.create_task(report_every(every, self.tick, "worker"), name="worker-stats"),
-        ]
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            async with asyncio.timeout(2):
-                await remove_stats(self._redis, self._keys, WORKER, self._worker.settings.node_id)
-        except Exception as exc:  # the entry expires by itself within the TTL
-            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
 
     async def refresh_queue_depth(self) -> dict[int, int]:
         """The cluster's queue depth per partition, read from Redis unless read just now."""
