@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from common.config import Settings
 from common.keys import Keys
@@ -92,30 +93,43 @@ class Bus:
             return {}
         dedupe = "1" if delivery_key else "0"
         marker = delivery_key or "-"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user in users:
-                keys = [
+        calls = [
+            (
+                [
                     self.keys.seq(user),
                     self.keys.log(user),
                     self.keys.delivered(user, marker),
                     self.keys.user_channel(user),
-                ]
-                args: list[bytes | str | int] = [
-                    body,
-                    self._maxlen,
-                    self._log_ttl,
-                    SEQ_TTL,
-                    dedupe,
-                    self._publish,
-                ]
-                if self._cluster:
-                    # A cluster pipeline cannot load a missing script on the shard it
-                    # lands on; EVAL carries the body (Redis caches it compiled).
-                    pipe.eval(_DELIVER, len(keys), *keys, *args)
-                else:
-                    await self._deliver(keys=keys, args=args, client=pipe)
-            seqs = await pipe.execute()
+                ],
+                [body, self._maxlen, self._log_ttl, SEQ_TTL, dedupe, self._publish],
+            )
+            for user in users
+        ]
+        if self._cluster:
+            # A cluster pipeline cannot load a missing script on the shard it lands
+            # on, and a retry could publish twice on shards that did run it: EVAL
+            # carries the body (Redis caches it compiled).
+            seqs = await self._run(calls, by_sha=False)
+        else:
+            try:
+                seqs = await self._run(calls, by_sha=True)
+            except NoScriptError:
+                # Redis restarted or flushed its scripts: nothing ran, so run it again.
+                await self.redis.script_load(_DELIVER)
+                seqs = await self._run(calls, by_sha=True)
         return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
+
+    async def _run(self, calls: list[tuple[list[str], list[Any]]], *, by_sha: bool) -> list[Any]:
+        # EVALSHA straight into the pipeline: a Script object in a pipeline makes
+        # redis-py send SCRIPT EXISTS first, a second round trip per delivery.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                if by_sha:
+                    pipe.evalsha(self._deliver.sha, len(keys), *keys, *args)
+                else:
+                    pipe.eval(_DELIVER, len(keys), *keys, *args)
+            result: list[Any] = await pipe.execute()
+        return result
 
     async def publish(
         self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
