@@ -8,6 +8,7 @@ idempotent: a message re-processed after a worker crash keeps its first seq.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ from redis.exceptions import NoScriptError
 
 from common.config import Settings
 from common.keys import Keys
+from common.pipeliner import Pipeliner
 from common.protocol import skip_device
 
 # The seq counter outlives the log so that seqs never restart while a client may
@@ -76,9 +78,10 @@ class Bus:
         self.keys = Keys(settings.namespace)
         self._maxlen = str(settings.user_log_maxlen)
         self._log_ttl = str(settings.user_log_ttl)
-        self._cluster = settings.redis_cluster
         self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
         self._deliver = redis.register_script(_DELIVER)
+        # Cluster pipelines route by slot themselves; there, each call keeps its own.
+        self._pipeliner = None if settings.redis_cluster else Pipeliner(redis)
 
     async def deliver(
         self, user_ids: Iterable[str], body: bytes, delivery_key: str | None = None
@@ -105,29 +108,45 @@ class Bus:
             )
             for user in users
         ]
-        if self._cluster:
+        if self._pipeliner is not None:
+            seqs = await self._run_shared(calls)
+        else:
             # A cluster pipeline cannot load a missing script on the shard it lands
             # on, and a retry could publish twice on shards that did run it: EVAL
             # carries the body (Redis caches it compiled).
-            seqs = await self._run(calls, by_sha=False)
-        else:
-            try:
-                seqs = await self._run(calls, by_sha=True)
-            except NoScriptError:
-                # Redis restarted or flushed its scripts: nothing ran, so run it again.
-                await self.redis.script_load(_DELIVER)
-                seqs = await self._run(calls, by_sha=True)
+            seqs = await self._run_cluster(calls)
         return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
 
-    async def _run(self, calls: list[tuple[list[str], list[Any]]], *, by_sha: bool) -> list[Any]:
-        # EVALSHA straight into the pipeline: a Script object in a pipeline makes
-        # redis-py send SCRIPT EXISTS first, a second round trip per delivery.
+    async def _run_shared(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The delivery script for each call, in the pipeline shared with other callers.
+
+        EVALSHA, not a Script object: in a pipeline that makes redis-py send SCRIPT
+        EXISTS first, a second round trip per delivery.
+        """
+        replies = await self._evalsha_all(calls)
+        redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if redo:
+            # Redis restarted or flushed its scripts: those calls did not run; again.
+            await self.redis.script_load(_DELIVER)
+            for i, reply in zip(
+                redo, await self._evalsha_all([calls[i] for i in redo]), strict=True
+            ):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
+    async def _evalsha_all(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        assert self._pipeliner is not None
+        submit, sha = self._pipeliner.submit, self._deliver.sha
+        pending = [submit("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        return list(await asyncio.gather(*pending, return_exceptions=True))
+
+    async def _run_cluster(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                if by_sha:
-                    pipe.evalsha(self._deliver.sha, len(keys), *keys, *args)
-                else:
-                    pipe.eval(_DELIVER, len(keys), *keys, *args)
+                pipe.eval(_DELIVER, len(keys), *keys, *args)
             result: list[Any] = await pipe.execute()
         return result
 
@@ -135,6 +154,16 @@ class Bus:
         self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
     ) -> None:
         """Publish an ephemeral frame (no seq) to users; `skip` = (user, device) not echoed to."""
+        if self._pipeliner is not None:
+            submit = self._pipeliner.submit
+            sent = [
+                submit(self._publish, self.keys.user_channel(user), _skipping(frame, user, skip))
+                for user in dict.fromkeys(user_ids)
+            ]
+            for result in await asyncio.gather(*sent, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for user in dict.fromkeys(user_ids):
                 payload = frame
@@ -162,5 +191,19 @@ class Bus:
 
     async def enqueue(self, partition: int, entry: bytes) -> bytes:
         """Append client input to a conversation partition stream; the id once durable."""
-        entry_id: Any = await self.redis.xadd(self.keys.partition_stream(partition), {"c": entry})
+        stream = self.keys.partition_stream(partition)
+        entry_id: Any
+        if self._pipeliner is not None:
+            entry_id = await self._pipeliner.call("XADD", stream, "*", "c", entry)
+        else:
+            entry_id = await self.redis.xadd(stream, {"c": entry})
         return bytes(entry_id)
+
+    async def close(self) -> None:
+        """Wait for the commands in flight."""
+        if self._pipeliner is not None:
+            await self._pipeliner.close()
+
+
+def _skipping(frame: bytes, user: str, skip: tuple[str, str] | None) -> bytes:
+    return skip_device(frame, skip[1]) if skip is not None and skip[0] == user else frame

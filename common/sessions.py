@@ -24,11 +24,13 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from common.bus import Bus
 from common.errors import SERVICE_DOWN
 from common.keys import Keys
 from common.lifecycle import OPEN, STATUSES, Refused, allowed_from, is_open
+from common.pipeliner import Pipeliner
 from common.protocol import encode
 from common.store import PARTICIPANTS, SessionRecord, Store, iso_time, session_from_row
 
@@ -115,9 +117,16 @@ class SessionDirectory:
         self._store = store
         self._keys = keys
         self._remember = redis.register_script(_REMEMBER)
+        # Every chat frame looks its session up: shared pipelines, not a pooled
+        # connection per lookup (a burst of those exhausted the pool under load).
+        self._pipeliner = None if isinstance(redis, RedisCluster) else Pipeliner(redis)
 
     async def lookup(self, session_id: str) -> SessionAccess | None:
-        cached = await self._redis.get(self._keys.session(session_id))
+        key = self._keys.session(session_id)
+        if self._pipeliner is not None:
+            cached = await self._pipeliner.call("GET", key)
+        else:
+            cached = await self._redis.get(key)
         if cached is not None:
             raw = orjson.loads(cached)
             if raw.get("gone"):

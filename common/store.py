@@ -108,7 +108,8 @@ def session_from_row(row: asyncpg.Record, participants: list[str]) -> SessionRec
     )
 
 
-def _message(row: asyncpg.Record) -> MessageRecord:
+def message_from_row(row: asyncpg.Record) -> MessageRecord:
+    """A messages row as a record."""
     return MessageRecord(
         id=row["id"],
         session_id=str(row["session_id"]),
@@ -136,6 +137,12 @@ _PARTICIPANT_ROLES = (
 )
 
 
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to undo. fanout never LISTENs, SETs, holds cursors or advisory
+    locks on pooled connections (asyncpg still rolls back an open transaction itself),
+    and the default reset query cost a round trip on every release."""
+
+
 class Store:
     """Typed queries over an asyncpg pool."""
 
@@ -147,7 +154,12 @@ class Store:
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncIterator[Store]:
         """A pool for the process's lifetime; closed on exit."""
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, timeout=5, command_timeout=30
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=5,
+            command_timeout=30,
+            reset=_keep_session_state,
         )
         try:
             yield cls(pool)
@@ -276,7 +288,7 @@ class Store:
                 before,
                 limit,
             )
-        return [_message(r) for r in rows]
+        return [message_from_row(r) for r in rows]
 
     @asynccontextmanager
     async def conversation(self, session_id: str) -> AsyncIterator[Conversation]:
@@ -302,7 +314,7 @@ class Store:
             user_id,
             client_msg_id,
         )
-        return _message(row) if row else None
+        return message_from_row(row) if row else None
 
 
 async def _insert_message(
@@ -335,7 +347,7 @@ async def _insert_message(
         meta,
     )
     if row is not None:
-        return _message(row), True
+        return message_from_row(row), True
     existing = await conn.fetchrow(
         "SELECT * FROM messages WHERE session_id = $1 AND user_id = $2 AND client_msg_id = $3",
         session_id,
@@ -343,7 +355,7 @@ async def _insert_message(
         client_msg_id,
     )
     assert existing is not None
-    return _message(existing), False
+    return message_from_row(existing), False
 
 
 class Conversation:

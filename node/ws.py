@@ -183,7 +183,8 @@ async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None
         await route(state, conn, frame)
     except ProtocolError as exc:
         conn.send(error_frame(exc.code, exc.message, exc.frame_id))
-    except SERVICE_DOWN:
+    except SERVICE_DOWN as exc:
+        log.warning("%s frame from %s refused: backing service down (%r)", kind, conn.user_id, exc)
         conn.send(error_frame(ErrorCode.UNAVAILABLE, "backing service unavailable", frame_id))
     except Exception:
         log.exception("frame from %s/%s failed", conn.user_id, conn.device_id)

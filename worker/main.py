@@ -164,6 +164,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self.consumers.clear()
+        await self.processor.writer.close()
         with contextlib.suppress(Exception):
             await self.leases.leave()
 

@@ -2,7 +2,9 @@
 
 Every step is idempotent so an entry processed twice (a worker died before its
 XACK) stores one row and gives each user one seq per message: the insert is keyed
-by (session, sender, client id) and each delivery by the message id.
+by (session, sender, client id) and each delivery by the message id. Writes go
+through the BatchWriter, which shares one transaction among the conversations
+that are ready at the same time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from common.lifecycle import takes_assistant_reply
 from common.protocol import encode
 from common.sessions import SessionChanges, SessionDirectory
 from common.store import MessageRecord, SessionRecord, Store
+from common.store_batch import ReplyWrite
 from worker.assistant import ReplyGenerator
+from worker.writer import BatchWriter
 
 log = logging.getLogger("fanout.worker")
 
@@ -33,78 +37,83 @@ class ChatProcessor:
     """Handles the chat entries of the partitions a worker owns."""
 
     def __init__(
-        self, store: Store, bus: Bus, sessions: SessionDirectory, assistant: ReplyGenerator
+        self,
+        store: Store,
+        bus: Bus,
+        sessions: SessionDirectory,
+        assistant: ReplyGenerator,
+        writer: BatchWriter | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
         self._changes = SessionChanges(store, bus, sessions)
         self._assistant = assistant
+        self.writer = writer or BatchWriter(store)
         self.processed = 0
 
     async def handle(self, entry: ChatEntry) -> None:
         """Process one entry; raises on failure (the entry then stays pending)."""
-        async with self._store.conversation(entry.session_id) as conv:
-            session = await conv.lock()
-            if session is None:
-                log.info(
-                    "session %s is gone; dropping message %s", entry.session_id, entry.client_msg_id
-                )
-                return
-            role = conv.participant_role(entry.user_id) or "user"
-            message, created = await conv.insert_message(
-                client_msg_id=entry.client_msg_id,
-                role=role,
-                user_id=entry.user_id,
-                device_id=entry.device_id,
-                content=entry.content,
-                metadata=entry.metadata,
+        written = await self.writer.chat(entry)
+        if written is None:
+            log.info(
+                "session %s is gone; dropping message %s", entry.session_id, entry.client_msg_id
             )
-            current = await conv.record_activity(session) if created else session
+            return
+        session, message = written.session, written.message
         await self._bus.deliver(
-            current.participants, _message_body(message), delivery_key=f"m{message.id}"
+            session.participants, _message_body(message), delivery_key=f"m{message.id}"
         )
-        if current.version != session.version:
+        if session.version != written.before.version:
             # pending -> running. Deferred, not raised, if Redis fails here: the entry
             # is stored and acked below, and the sweeper announces the change.
-            await self._changes.announce_soon(current.id)
-        if takes_assistant_reply(current.status, current.agent, role):
-            await self._answer(current, message, first_time=created)
+            await self._changes.announce_soon(session.id)
+        if written.reply_id is not None:
+            await self._answer(session, message, written.reply_id)
+        elif not written.created and takes_assistant_reply(
+            session.status, session.agent, written.role
+        ):
+            await self._answer_again(session, message)
         self.processed += 1
 
-    async def _answer(
-        self, session: SessionRecord, message: MessageRecord, *, first_time: bool
-    ) -> None:
-        reply_key = f"reply:{message.id}"
-        # A message stored just now cannot have a reply yet; a re-processed one may.
-        reply = (
-            None
-            if first_time
-            else await self._store.find_message(session.id, ASSISTANT_ID, reply_key)
-        )
-        if reply is None:
-            reply_id = await self._store.next_message_id()
-            parts: list[str] = []
-            async for chunk in self._assistant.reply(session, message):
-                parts.append(chunk)
-                delta = encode(
-                    {
-                        "type": "message_delta",
-                        "session_id": session.id,
-                        "message_id": reply_id,
-                        "delta": chunk,
-                    }
-                )
-                await self._bus.publish(session.participants, delta)
-            reply, _ = await self._store.insert_message(
-                session.id,
-                client_msg_id=reply_key,
-                role="assistant",
-                user_id=ASSISTANT_ID,
-                device_id=None,
-                content="".join(parts),
-                metadata=None,
-                message_id=reply_id,
+    async def _answer(self, session: SessionRecord, message: MessageRecord, reply_id: int) -> None:
+        """Stream a reply under `reply_id`, store it, then deliver it as a message."""
+        parts: list[str] = []
+        async for chunk in self._assistant.reply(session, message):
+            parts.append(chunk)
+            delta = encode(
+                {
+                    "type": "message_delta",
+                    "session_id": session.id,
+                    "message_id": reply_id,
+                    "delta": chunk,
+                }
             )
+            await self._bus.publish(session.participants, delta)
+        reply = await self.writer.reply(
+            ReplyWrite(
+                session_id=session.id,
+                message_id=reply_id,
+                client_msg_id=_reply_key(message),
+                user_id=ASSISTANT_ID,
+                content="".join(parts),
+            )
+        )
+        await self._deliver_reply(session, reply)
+
+    async def _answer_again(self, session: SessionRecord, message: MessageRecord) -> None:
+        """A re-processed message (its worker died): deliver its reply, made if missing."""
+        reply = await self._store.find_message(session.id, ASSISTANT_ID, _reply_key(message))
+        if reply is None:
+            await self._answer(session, message, await self._store.next_message_id())
+            return
+        await self._deliver_reply(session, reply)
+
+    async def _deliver_reply(self, session: SessionRecord, reply: MessageRecord) -> None:
+        # Keyed by the reply's id: a re-delivery after a crash keeps the first seq.
         await self._bus.deliver(
             session.participants, _message_body(reply), delivery_key=f"m{reply.id}"
         )
+
+
+def _reply_key(message: MessageRecord) -> str:
+    return f"reply:{message.id}"
