@@ -158,7 +158,32 @@ def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) ->
     metadata = raw.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'metadata' must be an object", frame_id)
+    if _has_nul(frame_id) or _has_nul(content) or _has_nul(metadata):
+        # Postgres text and jsonb cannot store U+0000: refused here, before the ack,
+        # not dead-lettered by the worker after it.
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "'id', 'content' and 'metadata' must not contain U+0000",
+            frame_id,
+        )
     return Chat(frame_id, session_id, content, metadata)
+
+
+def _has_nul(value: object) -> bool:
+    """Whether a JSON value holds U+0000 in any string (keys included)."""
+    # A stack, not recursion: a 64 KiB frame can nest deeper than Python's limit.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 # -- server frames ------------------------------------------------------------------------

@@ -59,6 +59,22 @@ def test_valid_frames() -> None:
             ErrorCode.BAD_REQUEST,
         ),
         ({"type": "read", "session_id": SID, "message_id": True}, ErrorCode.BAD_REQUEST),
+        # U+0000 cannot be stored by Postgres: refused before the ack, wherever it hides.
+        (
+            {"type": "chat", "id": "a", "session_id": SID, "content": "a\x00b"},
+            ErrorCode.BAD_REQUEST,
+        ),
+        ({"type": "chat", "id": "a\x00", "session_id": SID, "content": "x"}, ErrorCode.BAD_REQUEST),
+        (
+            {
+                "type": "chat",
+                "id": "a",
+                "session_id": SID,
+                "content": "x",
+                "metadata": {"deep": [{"k\x00": 1}]},
+            },
+            ErrorCode.BAD_REQUEST,
+        ),
         ({"type": 5}, ErrorCode.BAD_REQUEST),
         ({"type": "shout"}, ErrorCode.UNKNOWN_TYPE),
     ],
@@ -67,6 +83,14 @@ def test_invalid_frames(frame: dict, code: ErrorCode) -> None:  # type: ignore[t
     with pytest.raises(ProtocolError) as caught:
         parse(frame)
     assert caught.value.code is code
+
+
+def test_deeply_nested_metadata_is_checked_without_recursion() -> None:
+    # orjson parses nesting deeper than Python's recursion limit; the NUL check copes.
+    depth = 1000
+    data = b'{"type":"chat","id":"a","session_id":"%s","content":"x","metadata":{"d":%s"clean"%s}}'
+    frame = parse_client_frame(data % (SID.encode(), b"[" * depth, b"]" * depth), None, 100)
+    assert isinstance(frame, Chat) and frame.metadata is not None
 
 
 def test_content_limit_counts_bytes_not_characters() -> None:
