@@ -60,6 +60,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     node_id=settings.node_id,
                     lease_ttl=settings.lease_ttl,
                     max_devices=settings.max_devices,
+                    cluster=settings.redis_cluster,
                 )
                 state = NodeState(
                     settings=settings,
@@ -104,17 +105,24 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 async def _refresh_devices(state: NodeState) -> None:
-    """Keep this node's device leases alive; a dead node's devices expire with them."""
+    """Keep this node's device leases alive; a dead node's devices expire with them.
+
+    Every device is renewed once per third of the lease, its chunk at its place in a
+    round spread over that third (node/presence.py), so two renewals of a device are
+    less than two thirds of the lease apart wherever it moves in the list.
+    """
     interval = state.settings.lease_ttl / 3
+    loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(interval)
+        started = loop.time()
         held = [(c.user_id, c.device_id) for c in state.hub.connections()]
         try:
-            await state.devices.refresh(held)
+            await state.devices.refresh(held, spread=interval)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("device lease refresh failed: %s", exc)
+        await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
 
 async def _close_sockets(app: web.Application) -> None:

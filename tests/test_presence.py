@@ -1,0 +1,81 @@
+"""Device leases against the real Redis: the chunked refresh keeps held devices alive,
+lets the others lapse, and never brings a released device back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from node.presence import RENEW_CHUNK, DeviceRegistry
+
+LEASE = 10.0
+
+
+def registry(redis: aioredis.Redis, namespace: str, *, cluster: bool) -> DeviceRegistry:
+    return DeviceRegistry(
+        redis,
+        Keys(namespace),
+        node_id="n1",
+        lease_ttl=LEASE,
+        max_devices=5,
+        cluster=cluster,
+    )
+
+
+async def lease_ends(redis: aioredis.Redis, keys: Keys, user: str, device: str) -> float | None:
+    return await redis.zscore(keys.devices(user), device)
+
+
+# cluster=True is the per-device form a Redis Cluster needs; it runs on a plain Redis too.
+@pytest.mark.parametrize("cluster", [False, True], ids=["script", "per-device"])
+async def test_refresh_renews_every_held_device_across_chunks(
+    redis: aioredis.Redis, namespace: str, cluster: bool
+) -> None:
+    devices = registry(redis, namespace, cluster=cluster)
+    keys = Keys(namespace)
+    # More devices than two chunks hold, two per user, as a node holds them.
+    held = [(f"u{i // 2}", f"d{i % 2}") for i in range(2 * RENEW_CHUNK + 31)]
+    for n, (user, device) in enumerate(held):
+        assert await devices.claim(user, device, f"c{n}") in (0, 1)
+    # Make every lease nearly spent, as if the last refresh was long ago.
+    nearly_spent = int(time.time() * 1000) + 500
+    for user, device in held:
+        await redis.zadd(keys.devices(user), {device: nearly_spent}, xx=True)
+
+    before = int(time.time() * 1000)
+    await devices.refresh(held, spread=0.05)
+
+    for user, device in held:
+        ends = await lease_ends(redis, keys, user, device)
+        assert ends is not None and ends >= before + LEASE * 1000, (user, device)
+        assert await redis.ttl(keys.devices(user)) > LEASE
+        assert await redis.ttl(keys.device_conns(user)) > LEASE
+    assert {d["device_id"] for d in await devices.online("u0")} == {"d0", "d1"}
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["script", "per-device"])
+async def test_refresh_leaves_other_nodes_devices_to_lapse_and_released_ones_gone(
+    redis: aioredis.Redis, namespace: str, cluster: bool
+) -> None:
+    devices = registry(redis, namespace, cluster=cluster)
+    keys = Keys(namespace)
+    assert await devices.claim("ann", "phone", "c1") == 1
+    assert await devices.claim("ann", "laptop", "c2") == 1
+    assert await devices.claim("ann", "tablet", "c3") == 1
+    # The laptop's node died: its lease ran out and nobody renews it.
+    await redis.zadd(keys.devices("ann"), {"laptop": int(time.time() * 1000) - 1}, xx=True)
+    # The tablet disconnected cleanly, after this node took its list of held devices.
+    assert await devices.release("ann", "tablet", "c3")
+
+    await devices.refresh([("ann", "phone"), ("ann", "tablet")])
+
+    assert [d["device_id"] for d in await devices.online("ann")] == ["phone"]
+    assert await lease_ends(redis, keys, "ann", "tablet") is None, "a released device came back"
+
+
+async def test_refresh_of_nothing_sends_nothing(redis: aioredis.Redis, namespace: str) -> None:
+    await registry(redis, namespace, cluster=False).refresh([], spread=1.0)
+    assert [k async for k in redis.scan_iter(match=f"{namespace}*")] == []
