@@ -55,7 +55,7 @@ class Settings:
     # deployments (or test runs) can share one Redis. Empty by default.
     namespace: str = ""
     worker_port: int | None = None
-    worker_concurrency: int = 32
+    worker_concurrency: int = 256
     db_pool_size: int = 10
 
     @classmethod

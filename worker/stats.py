@@ -99,6 +99,9 @@ class WorkerStats(StatsWriter):
             "queue_depth": sum(depths.get(p, 0) for p in owned),
             "queue": {str(p): depths.get(p, 0) for p in owned},
             "concurrency": settings.worker_concurrency,
+            # Group commit at work: messages written per Postgres transaction.
+            "db_transactions_total": worker.processor.writer.batches,
+            "db_writes_total": worker.processor.writer.written,
         }
         self.latest = record
         async with self._redis.pipeline(transaction=False) as pipe:
