@@ -18,8 +18,8 @@ from redis.exceptions import NoScriptError
 
 from common.config import Settings
 from common.keys import Keys
-from common.pipeliner import Pipeliner
 from common.protocol import skip_device
+from common.resp import RespConnection
 
 # The seq counter outlives the log so that seqs never restart while a client may
 # still hold an old one; 30 days of silence resets a user to seq 1.
@@ -73,15 +73,20 @@ async def connect_redis(settings: Settings) -> aioredis.Redis:
 class Bus:
     """Deliveries to user channels and entries on conversation partition streams."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, commands: RespConnection | None = None
+    ) -> None:
         self.redis = redis
         self.keys = Keys(settings.namespace)
         self._maxlen = str(settings.user_log_maxlen)
         self._log_ttl = str(settings.user_log_ttl)
         self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
         self._deliver = redis.register_script(_DELIVER)
-        # Cluster pipelines route by slot themselves; there, each call keeps its own.
-        self._pipeliner = None if settings.redis_cluster else Pipeliner(redis)
+        self._cluster = settings.redis_cluster
+        # With `commands` (nodes and workers), every delivery, delta and enqueue of the
+        # process shares one pipelined connection (common/resp.py); without, each call
+        # is a redis-py pipeline of its own.
+        self._pipeliner = commands
 
     async def deliver(
         self, user_ids: Iterable[str], body: bytes, delivery_key: str | None = None
@@ -110,11 +115,18 @@ class Bus:
         ]
         if self._pipeliner is not None:
             seqs = await self._run_shared(calls)
-        else:
+        elif self._cluster:
             # A cluster pipeline cannot load a missing script on the shard it lands
             # on, and a retry could publish twice on shards that did run it: EVAL
             # carries the body (Redis caches it compiled).
-            seqs = await self._run_cluster(calls)
+            seqs = await self._run(calls, by_sha=False)
+        else:
+            try:
+                seqs = await self._run(calls, by_sha=True)
+            except NoScriptError:
+                # Redis restarted or flushed its scripts: nothing ran, so run it again.
+                await self.redis.script_load(_DELIVER)
+                seqs = await self._run(calls, by_sha=True)
         return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
 
     async def _run_shared(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -143,10 +155,13 @@ class Bus:
         pending = [submit("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         return list(await asyncio.gather(*pending, return_exceptions=True))
 
-    async def _run_cluster(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _run(self, calls: list[tuple[list[str], list[Any]]], *, by_sha: bool) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                pipe.eval(_DELIVER, len(keys), *keys, *args)
+                if by_sha:
+                    pipe.evalsha(self._deliver.sha, len(keys), *keys, *args)
+                else:
+                    pipe.eval(_DELIVER, len(keys), *keys, *args)
             result: list[Any] = await pipe.execute()
         return result
 
@@ -198,11 +213,6 @@ class Bus:
         else:
             entry_id = await self.redis.xadd(stream, {"c": entry})
         return bytes(entry_id)
-
-    async def close(self) -> None:
-        """Wait for the commands in flight."""
-        if self._pipeliner is not None:
-            await self._pipeliner.close()
 
 
 def _skipping(frame: bytes, user: str, skip: tuple[str, str] | None) -> bytes:

@@ -24,14 +24,13 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 
 from common.bus import Bus
 from common.errors import SERVICE_DOWN
 from common.keys import Keys
 from common.lifecycle import OPEN, STATUSES, Refused, allowed_from, is_open
-from common.pipeliner import Pipeliner
 from common.protocol import encode
+from common.resp import RespConnection
 from common.store import PARTICIPANTS, SessionRecord, Store, iso_time, session_from_row
 
 log = logging.getLogger("fanout.sessions")
@@ -112,14 +111,21 @@ def session_body(session: SessionRecord) -> bytes:
 class SessionDirectory:
     """Looks up a session's status and participants, cache first."""
 
-    def __init__(self, redis: aioredis.Redis, store: Store, keys: Keys) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        store: Store,
+        keys: Keys,
+        commands: RespConnection | None = None,
+    ) -> None:
         self._redis = redis
         self._store = store
         self._keys = keys
         self._remember = redis.register_script(_REMEMBER)
-        # Every chat frame looks its session up: shared pipelines, not a pooled
-        # connection per lookup (a burst of those exhausted the pool under load).
-        self._pipeliner = None if isinstance(redis, RedisCluster) else Pipeliner(redis)
+        # Every chat frame looks its session up: on a node, through the shared pipelined
+        # connection, not a pooled one per lookup (a burst of those exhausted redis-py's
+        # pool under load).
+        self._pipeliner = commands
 
     async def lookup(self, session_id: str) -> SessionAccess | None:
         key = self._keys.session(session_id)

@@ -15,6 +15,7 @@ from common.bus import Bus, connect_redis
 from common.config import Settings
 from common.keys import Keys
 from common.protocol import CloseCode
+from common.resp import command_connection
 from common.sessions import SessionDirectory
 from common.store import Store
 from node import admin, api
@@ -49,8 +50,11 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
         keys = Keys(settings.namespace)
         redis = await connect_redis(settings)
         try:
-            async with Store.open(settings.database_url, max_size=settings.db_pool_size) as store:
-                bus = Bus(redis, settings)
+            async with (
+                Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
+                command_connection(redis, cluster=settings.redis_cluster) as commands,
+            ):
+                bus = Bus(redis, settings, commands)
                 hub = Hub(bus, keys, mode=settings.subscription_mode)
                 metrics = NodeMetrics()
                 hub.on_delivered = metrics.delivered
@@ -69,7 +73,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     redis=redis,
                     bus=bus,
                     store=store,
-                    sessions=SessionDirectory(redis, store, keys),
+                    sessions=SessionDirectory(redis, store, keys, commands),
                     hub=hub,
                     devices=devices,
                     metrics=metrics,

@@ -13,6 +13,7 @@ from aiohttp import web
 from common.bus import Bus, connect_redis
 from common.config import Settings
 from common.keys import Keys
+from common.resp import RespConnection, command_connection
 from common.runtime import run, setup_logging, stop_event
 from common.sessions import SessionChanges, SessionDirectory
 from common.store import Store
@@ -36,14 +37,15 @@ class Worker:
         redis: aioredis.Redis,
         store: Store,
         assistant: ReplyGenerator | None = None,
+        commands: RespConnection | None = None,
     ) -> None:
         self.settings = settings
         keys = Keys(settings.namespace)
         self._keys = keys
         self._redis = redis
         self.store = store
-        bus = Bus(redis, settings)
-        directory = SessionDirectory(redis, store, keys)
+        bus = Bus(redis, settings, commands)
+        directory = SessionDirectory(redis, store, keys, commands)
         self.processor = ChatProcessor(store, bus, directory, assistant or EchoAssistant())
         self.sweeper = ExpirySweeper(
             redis,
@@ -172,8 +174,11 @@ class Worker:
 async def serve(settings: Settings) -> None:
     redis = await connect_redis(settings)
     try:
-        async with Store.open(settings.database_url, max_size=settings.db_pool_size) as store:
-            worker = Worker(settings, redis, store)
+        async with (
+            Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
+            command_connection(redis, cluster=settings.redis_cluster) as commands,
+        ):
+            worker = Worker(settings, redis, store, commands=commands)
             stats = WorkerStats(worker, redis)
             stop = stop_event()
             runner: web.AppRunner | None = None

@@ -1,0 +1,261 @@
+"""A lean pipelined Redis connection: commands written as they come, replies matched in order.
+
+redis-py spends more time per command than Redis does (a pooled connection, a retry
+wrapper, a timeout context, pipeline bookkeeping). The node and the worker send many
+small commands from many tasks; here they share one connection: each command is
+packed once, the commands of a loop turn leave in one write, and hiredis parses the
+replies, which Redis sends in command order, so each resolves the oldest waiter.
+
+Failure: when the connection drops, every command in flight fails with
+`ConnectionError` (the caller decides whether to retry: enqueues and deliveries are
+idempotent downstream) and the next command reconnects. A reply that does not come
+within `reply_timeout` (a frozen link) drops the connection the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+# Seconds the oldest command may wait for its reply before the link counts as frozen.
+REPLY_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+
+
+def pack(*args: bytes | str | int | float) -> bytes:
+    """One command in RESP."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = repr(arg).encode() if isinstance(arg, float) else b"%d" % arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def address_of(redis: aioredis.Redis) -> dict[str, Any]:
+    """Where a redis-py client connects, and how (for a connection of our own beside it)."""
+    pool = redis.connection_pool
+    kwargs = pool.connection_kwargs
+    return {
+        "host": kwargs.get("host", "127.0.0.1"),
+        "port": kwargs.get("port", 6379),
+        "path": kwargs.get("path") if pool.connection_class is UnixDomainSocketConnection else None,
+        "tls": issubclass(pool.connection_class, SSLConnection),
+        "db": kwargs.get("db", 0),
+        "username": kwargs.get("username"),
+        "password": kwargs.get("password"),
+    }
+
+
+@contextlib.asynccontextmanager
+async def command_connection(
+    redis: aioredis.Redis, *, cluster: bool
+) -> AsyncIterator[RespConnection | None]:
+    """A process's shared command connection beside its redis-py client, closed on exit.
+
+    None for a Redis Cluster: there the cluster client routes every command by slot.
+    """
+    if cluster:
+        yield None
+        return
+    connection = RespConnection(address_of(redis))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: RespConnection) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader()
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            self._owner._on_reply(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._owner._on_lost(self)
+
+
+class RespConnection:
+    """One pipelined connection; `submit` a command, await its future."""
+
+    def __init__(self, address: dict[str, Any], *, reply_timeout: float = REPLY_TIMEOUT) -> None:
+        self._address = address
+        self._reply_timeout = reply_timeout
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._unsent: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.writes = 0
+
+    async def call(self, *args: bytes | str | int | float) -> Any:
+        """Run one command; its reply, or its error raised."""
+        return await self.submit(*args)
+
+    def submit(self, *args: bytes | str | int | float) -> asyncio.Future[Any]:
+        """Queue one command; a future of its reply (a Redis error is set as its exception)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        self._unsent.append((pack(*args), done))
+        if not self._flush_scheduled:
+            # Not at once: the commands of this loop turn leave in one write.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return done
+
+    async def close(self) -> None:
+        """Let the commands in flight finish (bounded), then close the connection."""
+        with contextlib.suppress(Exception):
+            pending = [f for _, f in self._unsent] + list(self._waiting)
+            if pending:
+                await asyncio.wait(pending, timeout=self._reply_timeout)
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(proto.lost), 1.0)
+        self._fail_all(RedisConnectionError("connection closed"))
+
+    # -- writing ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._unsent:
+            return
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect(), name="redis-connect")
+            return  # sent once connected
+        batch, self._unsent = self._unsent, []
+        proto.transport.write(b"".join(data for data, _ in batch))
+        self.writes += 1
+        self._waiting.extend(done for _, done in batch)
+        self._arm_watchdog()
+
+    async def _connect(self) -> None:
+        try:
+            self._proto = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Nothing was sent: the waiting commands fail now, the next one tries again.
+            self._fail_unsent(RedisConnectionError(f"cannot connect to redis: {exc!r}"))
+        finally:
+            self._connecting = None
+        if self._unsent:
+            self._flush()
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        a = self._address
+        proto = _Protocol(self)
+        if a.get("path"):
+            await loop.create_unix_connection(lambda: proto, a["path"])
+        else:
+            tls = ssl.create_default_context() if a.get("tls") else None
+            await loop.create_connection(lambda: proto, a["host"], a["port"], ssl=tls)
+        # The handshake goes first in the same stream; its replies are awaited here.
+        setup: list[asyncio.Future[Any]] = []
+        if a.get("password"):
+            auth = [a["username"], a["password"]] if a.get("username") else [a["password"]]
+            setup.append(self._direct(proto, "AUTH", *auth))
+        if a.get("db"):
+            setup.append(self._direct(proto, "SELECT", a["db"]))
+        try:
+            for reply in setup:
+                await reply
+        except BaseException:
+            proto.transport.close()
+            raise
+        return proto
+
+    def _direct(self, proto: _Protocol, *args: bytes | str | int) -> asyncio.Future[Any]:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.transport.write(pack(*args))
+        self._waiting.append(done)
+        return done
+
+    # -- replies ----------------------------------------------------------------------------
+    def _on_reply(self, reply: Any) -> None:
+        if not self._waiting:
+            return  # a reply to a command whose connection we already gave up
+        done = self._waiting.popleft()
+        if not done.done():
+            if isinstance(reply, hiredis.ReplyError):
+                done.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                done.set_result(reply)
+        self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        # One timer for the connection, re-armed on every reply: it fires only when
+        # commands wait and nothing has come back for `reply_timeout`.
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._waiting:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(self._reply_timeout, self._frozen)
+
+    def _frozen(self) -> None:
+        self._watchdog = None
+        proto = self._proto
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()  # connection_lost fails what waits
+
+    def _on_lost(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+        self._fail_waiting(RedisConnectionError("redis connection lost"))
+        if self._unsent and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for done in waiting:
+            if not done.done():
+                done.set_exception(exc)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _fail_unsent(self, exc: Exception) -> None:
+        unsent, self._unsent = self._unsent, []
+        for _, done in unsent:
+            if not done.done():
+                done.set_exception(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fail_waiting(exc)
+        self._fail_unsent(exc)
