@@ -112,6 +112,7 @@ class RespConnection:
         self._unsent: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._progress_at = 0.0
         self.writes = 0
 
     async def call(self, *args: bytes | str | int | float) -> Any:
@@ -159,8 +160,11 @@ class RespConnection:
         batch, self._unsent = self._unsent, []
         proto.transport.write(b"".join(data for data, _ in batch))
         self.writes += 1
+        idle = not self._waiting
         self._waiting.extend(done for _, done in batch)
-        self._arm_watchdog()
+        if idle:
+            # The wait starts now; while older commands still wait, only replies count.
+            self._arm_watchdog()
 
     async def _connect(self) -> None:
         try:
@@ -218,17 +222,27 @@ class RespConnection:
         self._arm_watchdog()
 
     def _arm_watchdog(self) -> None:
-        # One timer for the connection, re-armed on every reply: it fires only when
-        # commands wait and nothing has come back for `reply_timeout`.
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._waiting:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(self._reply_timeout, self._frozen)
+        # One timer per connection, not one per command: each reply only stamps the
+        # time of progress; the timer, when it fires, checks whether replies stopped.
+        self._progress_at = asyncio.get_running_loop().time()
+        if self._watchdog is None and self._waiting:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                self._reply_timeout, self._check_progress
+            )
+
+    def _check_progress(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        silent = asyncio.get_running_loop().time() - self._progress_at
+        if silent >= self._reply_timeout:
+            self._frozen()
+        else:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                self._reply_timeout - silent, self._check_progress
+            )
 
     def _frozen(self) -> None:
-        self._watchdog = None
         proto = self._proto
         if proto is not None and proto.transport is not None:
             proto.transport.abort()  # connection_lost fails what waits

@@ -95,8 +95,15 @@ async def test_a_frozen_link_is_dropped_after_the_reply_timeout(redis: aioredis.
         try:
             assert await conn.call("PING") == b"PONG"
             proxy.freeze()
+            first = conn.submit("PING")
+            # New commands keep going out meanwhile: they must not hide the silence.
+            later = []
+            for _ in range(8):
+                await asyncio.sleep(0.1)
+                later.append(conn.submit("PING"))
             with pytest.raises(RedisConnectionError):
-                await conn.call("PING")
+                await asyncio.wait_for(first, 2.0)
+            await asyncio.gather(*later, return_exceptions=True)
             proxy.thaw()
             assert await conn.call("PING") == b"PONG"
         finally:
