@@ -1,4 +1,4 @@
-"""One client WebSocket: a bounded outbound queue drained by one writer task, and a rate limit."""
+"""One client WebSocket: a bounded outbound queue, written by a task only while it is not empty."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ CLOSE_TIMEOUT = 10.0
 
 class RateLimiter:
     """Token bucket of client frames, plus flood detection (over 5× the rate for 10 s)."""
+
+    __slots__ = (
+        "_burst",
+        "_last_error",
+        "_rate",
+        "_stamp",
+        "_tokens",
+        "_window_frames",
+        "_window_start",
+    )
 
     FLOOD_FACTOR = 5
     FLOOD_WINDOW = 10.0
@@ -67,7 +77,35 @@ class Connection:
 
     Past the bound the connection is closed with 1013 instead of growing: a slow
     consumer must not hold node memory or delay the other sockets (SPEC §4).
+
+    Most sockets are idle most of the time, and a node holds thousands: the queue, its
+    writer task and the event a paced replay waits on exist only while frames wait.
     """
+
+    __slots__ = (
+        "_closer",
+        "_closing",
+        "_direct",
+        "_direct_writes",
+        "_drained",
+        "_limit",
+        "_on_drop",
+        "_on_slow_close",
+        "_on_written",
+        "_queue",
+        "_queued",
+        "_transport",
+        "_waiting_since",
+        "_writer",
+        "conn_id",
+        "connected_at",
+        "device_id",
+        "expires_at",
+        "floor",
+        "session_id",
+        "user_id",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -79,6 +117,7 @@ class Connection:
         device_id: str,
         session_id: str | None,
         queue_limit: int,
+        expires_at: float = float("inf"),
         on_slow_close: Callable[[], None] = lambda: None,
         on_drop: Callable[[int], None] = lambda frames: None,
         on_written: Callable[[float], None] = lambda seconds: None,
@@ -89,16 +128,20 @@ class Connection:
         self.user_id = user_id
         self.device_id = device_id
         self.session_id = session_id
+        # The token's `exp` (epoch seconds): the node closes the socket then (1008).
+        self.expires_at = expires_at
         # Logged frames with seq <= floor were sent before this connection joined.
         self.floor = 0
         self.connected_at = time.time()
         self._limit = queue_limit
-        self._queue: deque[bytes] = deque()
+        # Frames waiting for the socket; None while nothing waits (and no writer runs).
+        self._queue: deque[bytes] | None = None
         self._queued = 0
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._closing = False
         self._writer: asyncio.Task[None] | None = None
+        # Set when the queue empties or the connection closes; made by the first
+        # paced replay that has to wait.
+        self._drained: asyncio.Event | None = None
+        self._closing = False
         self._closer: asyncio.Task[None] | None = None
         self._on_slow_close = on_slow_close
         self._direct: Callable[[bytes, int, int], None] | None = None
@@ -114,14 +157,13 @@ class Connection:
         return self._closing
 
     def start(self) -> None:
-        """Once the upgrade is done: the writer task, and the direct write path."""
+        """Once the upgrade is done: the direct write path."""
         # aiohttp writes an uncompressed frame synchronously and only then awaits its
         # flow control; `send` does its own (the byte bound), so when nothing is queued
         # it calls that synchronous step directly. Private API: without it, every frame
         # goes through the writer task as before.
         writer = getattr(self.ws, "_writer", None)
         self._direct = getattr(writer, "_write_websocket_frame", None)
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.conn_id}")
 
     def send(self, frame: bytes) -> None:
         """Write or queue a frame; over the bound, close the connection with 1013."""
@@ -145,10 +187,7 @@ class Connection:
             self._on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
             return
-        if not self._queue:
-            self._waiting_since = time.perf_counter()
-        self._queue.append(frame)
-        self._wake.set()
+        self._enqueue(frame)
 
     async def send_paced(self, frame: bytes) -> None:
         """Queue a frame once the queue is under half its bound (replays: no 1013 for those).
@@ -157,25 +196,51 @@ class Connection:
         flow control, and this waits for the writer, so a replay is paced, not cut.
         """
         while self._queued > self._limit // 2 and not self._closing:
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             await self._drained.wait()
         if self._closing:
             self._on_drop(1)
             return
         self._queued += len(frame)
+        self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> None:
+        if self._queue is None:
+            self._queue = deque()
         if not self._queue:
             self._waiting_since = time.perf_counter()
         self._queue.append(frame)
-        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(
+                self._write_queued(self._queue), name=f"writer-{self.conn_id}"
+            )
+
+    async def _write_queued(self, queue: deque[bytes]) -> None:
+        """Write the queue out, then go: the next frame that must wait starts a new writer."""
+        since = self._waiting_since
+        while queue:
+            frame = queue.popleft()
+            self._queued -= len(frame)
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
+        # Nothing awaited since the queue was seen empty: a frame that waits from now
+        # on finds no queue and no writer, and starts both again.
+        self._queue = self._writer = None
+        if self._drained is not None:
+            self._drained.set()
+        self._on_written(time.perf_counter() - since)
 
     def close(self, code: int, reason: str) -> None:
         """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
         if self._closing:
             return
         self._closing = True
-        self._on_drop(len(self._queue))
-        self._queue.clear()
-        self._drained.set()  # releases a paced replay
+        if self._queue:
+            self._on_drop(len(self._queue))
+            self._queue.clear()
+        if self._drained is not None:
+            self._drained.set()  # releases a paced replay
         if self._writer is not None:
             self._writer.cancel()
         self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
@@ -187,20 +252,6 @@ class Connection:
         except (TimeoutError, ConnectionError, RuntimeError):
             if self._transport is not None:
                 self._transport.abort()
-
-    async def _write_loop(self) -> None:
-        queue, ws = self._queue, self.ws
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            since = self._waiting_since if queue else 0.0
-            while queue:
-                frame = queue.popleft()
-                self._queued -= len(frame)
-                await ws.send_frame(frame, WSMsgType.TEXT)
-            self._drained.set()
-            if since:
-                self._on_written(time.perf_counter() - since)
 
     async def stop(self) -> None:
         """Cancel and await the owned tasks (called once the socket is done)."""

@@ -19,6 +19,7 @@ from common.keys import Keys
 from common.protocol import SKIP_MARK, encode, seq_of
 from common.pubsub import ChannelSubscriber
 from node.connection import Connection
+from node.expiry import TokenExpiry
 
 log = logging.getLogger("fanout.node")
 
@@ -62,6 +63,7 @@ class Hub:
         self.subscriber: ChannelSubscriber | None = None
         self.on_delivered: Callable[[int], None] = lambda count: None
         self.gaps_repaired = 0
+        self.expiry = TokenExpiry()
 
     def attach(self, subscriber: ChannelSubscriber) -> None:
         self.subscriber = subscriber
@@ -234,6 +236,7 @@ class Hub:
                 user.repair = asyncio.create_task(self._repair(user), name=f"repair-{user.user_id}")
 
     async def close(self) -> None:
+        self.expiry.close()
         tasks = [u.repair for u in self.users.values() if u.repair is not None]
         for task in tasks:
             task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import sys
 
 from aiohttp import web
@@ -62,6 +63,21 @@ def _arm_watchdog(after: float) -> None:
     asyncio.get_running_loop().call_later(after, give_up)
 
 
+def raise_fd_limit() -> int:
+    """Every socket is a file descriptor: take the soft limit up to the hard one; the result."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still has the kernel's nr_open ceiling (2**20 by default).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 2**20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files limit stays at %d (%s)", soft, exc)
+            return soft
+    return max(soft, target)
+
+
 def main(settings: Settings, host: str, port: int) -> None:
     setup_logging()
+    log.info("open files limit: %d", raise_fd_limit())
     run(serve(settings, host, port))

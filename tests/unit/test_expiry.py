@@ -1,0 +1,65 @@
+"""TokenExpiry: one node-wide timer closes each socket with 1008 once its token has expired."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from node.expiry import TokenExpiry
+
+
+class FakeConn:
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+        self.closed: tuple[int, str] | None = None
+        self.closed_at = 0.0
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed, self.closed_at = (code, reason), time.time()
+
+
+async def test_each_connection_closes_1008_within_a_second_of_its_expiry() -> None:
+    expiry = TokenExpiry()
+    now = time.time()
+    late, soon = FakeConn(now + 1.6), FakeConn(now + 0.2)
+    expiry.watch(late)
+    expiry.watch(soon)  # earlier: the timer is re-armed for it
+    await asyncio.sleep(1.3)
+    assert soon.closed == (1008, "token expired")
+    assert late.closed is None
+    await asyncio.sleep(1.3)
+    assert late.closed == (1008, "token expired")
+    for conn in (soon, late):
+        assert conn.expires_at <= conn.closed_at < conn.expires_at + 1.1
+    expiry.close()
+
+
+async def test_a_forgotten_connection_is_not_closed() -> None:
+    expiry = TokenExpiry()
+    now = time.time()
+    gone, stays = FakeConn(now + 0.1), FakeConn(now + 0.1)
+    for conn in (gone, stays):
+        expiry.watch(conn)
+    expiry.forget(gone)
+    expiry.forget(gone)  # twice is harmless
+    await asyncio.sleep(1.2)
+    assert gone.closed is None
+    assert stays.closed is not None
+    # A bucket emptied and made again for the same second is still due once.
+    again = FakeConn(now + 1.5)
+    expiry.watch(again)
+    expiry.forget(again)
+    expiry.watch(again)
+    await asyncio.sleep(1.5)
+    assert again.closed is not None
+    expiry.close()
+
+
+async def test_no_expiry_and_close_cancel_the_timer() -> None:
+    expiry = TokenExpiry()
+    forever, pending = FakeConn(float("inf")), FakeConn(time.time() + 0.1)
+    expiry.watch(forever)
+    expiry.watch(pending)
+    expiry.close()
+    await asyncio.sleep(1.1)
+    assert forever.closed is None and pending.closed is None
