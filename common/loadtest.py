@@ -39,27 +39,46 @@ from common.loadtest_fleet import (
     monotonic_us,
     progress,
     raise_fd_limit,
+    watch_loop,
 )
 from common.loadtest_multi import run_processes, shard_sync
-from common.loadtest_report import Report, SeqRanges, cpu_seconds, rss_bytes
+from common.loadtest_report import (
+    LatencyHistogram,
+    Report,
+    SeqRanges,
+    cpu_seconds,
+    machine_busy_seconds,
+    rss_bytes,
+)
 
 log = logging.getLogger("fanout.loadtest")
 
-# Seconds between publishes at a fixed rate (see `publish`).
+# Seconds between publishing ticks at a fixed rate (see `publish`).
 PACE_TICK = 0.002
+# Bus.deliver calls awaiting their replies at once at a fixed rate. At the bound a
+# tick sends nothing and its users go out with a later tick: a stalled Redis gets a
+# bounded backlog, not one call per tick for as long as it stalls.
+MAX_CALLS_IN_FLIGHT = 64
 
 Deliver = Callable[[list[str], bytes], Awaitable[dict[str, int]]]
 Sync = Callable[[str], Awaitable[None]]
 
 
 class Probe:
-    """CPU (own, servers', Redis') and delivered counts at the start and end of the window."""
+    """CPU (own, servers', Redis', the machine's) and delivered counts at the start and
+    end of the window, and this process's loop lag in between."""
 
     def __init__(self, pids: tuple[int, ...], tally: Tally, bus: Bus) -> None:
         self._pids, self._tally, self._bus = pids, tally, bus
         self.at: list[dict[str, Any]] = []
+        self.lag = LatencyHistogram()
+        self._watch: asyncio.Task[None] | None = None
 
     async def mark(self) -> None:
+        """The window starts (first call) or ends (second)."""
+        await self._stop_watching()
+        if not self.at:
+            self._watch = asyncio.create_task(watch_loop(self.lag), name="loop-lag")
         info: Any = {}
         with contextlib.suppress(Exception):
             info = await self._bus.redis.info("cpu")
@@ -70,8 +89,19 @@ class Probe:
                 "servers": [cpu_seconds(p) for p in self._pids],
                 "redis": float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)),
                 "delivered": self._tally.delivered,
+                "machine": machine_busy_seconds(),
             }
         )
+
+    async def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def close(self) -> None:
+        await self._stop_watching()
 
     def window(self) -> float:
         return self.at[-1]["t"] - self.at[0]["t"] if len(self.at) > 1 else 0.0
@@ -110,11 +140,17 @@ async def publish(
     started = time.monotonic()
     deadline = started + config.duration
 
-    async def one_batch(size: int) -> None:
-        nonlocal cursor, count, in_flight
+    def take(size: int) -> list[str]:
+        nonlocal cursor, count
+        # A user at most once per call: Bus.deliver publishes to each user once.
+        size = min(size, len(users))
         batch = [users[(cursor + i) % len(users)] for i in range(size)]
         cursor = (cursor + size) % len(users)
         count += size
+        return batch
+
+    async def one_batch(batch: list[str]) -> None:
+        nonlocal in_flight
         sent = monotonic_us()
         try:
             seqs = await deliver(batch, fanout_body(config.payload, sent))
@@ -128,22 +164,33 @@ async def publish(
             in_flight += owed[user]
 
     async def paced() -> None:
-        # Whatever fell due in a tick goes out as one pipeline: a Bus.deliver call costs
-        # ~150 µs of client CPU however small, so one call per user would make the load
-        # generator, not the nodes, the busiest process at a few thousand per second.
+        # Open loop, as independent publishers are: every tick sends what fell due
+        # since the last one as one call, without waiting for earlier calls' replies.
+        # Awaiting each reply first (as this did) stopped publishing while Redis
+        # stalled, hiding the stall from the latency of the frames not yet sent, then
+        # sent them as one burst of up to `batch` users. Batching per tick also keeps
+        # the calls few: each costs ~100 µs of client CPU however small.
+        calls: set[asyncio.Task[None]] = set()
         while (now := time.monotonic()) < deadline:
             due = int((now - started) * per_user_rate) - count
-            if due <= 0:
-                await asyncio.sleep(max(PACE_TICK, (count + 1) / per_user_rate - (now - started)))
-                continue
-            await one_batch(min(due, config.batch))
+            if due > 0 and len(calls) < MAX_CALLS_IN_FLIGHT:
+                call = asyncio.create_task(one_batch(take(min(due, config.batch))))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+                if due > min(config.batch, len(users)):  # behind after a stall: go on
+                    await asyncio.sleep(0)
+                    continue
+            next_tick = started + (int((now - started) / PACE_TICK) + 1) * PACE_TICK
+            await asyncio.sleep(next_tick - time.monotonic())
+        if calls:
+            await asyncio.gather(*calls)
 
     async def flat_out() -> None:
         while time.monotonic() < deadline:
             if in_flight - tally.delivered > config.in_flight:
                 await asyncio.sleep(0.0005)
                 continue
-            await one_batch(config.batch)
+            await one_batch(take(config.batch))
 
     if per_user_rate > 0:
         await paced()
@@ -243,8 +290,10 @@ async def run(
                 "connect_s": fleet.connect_times(),
                 "own_cpu_seconds": probe.delta("self"),
                 "delivered_in_window": report.delivered_in_window,
+                "loop_lag": probe.lag.sparse(),
             }
     finally:
+        await probe.close()
         if ticker is not None:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -295,6 +344,7 @@ def _costs(
     if config.server_pids:
         rss_after = [rss_bytes(p) for p in config.server_pids]
         report.set_servers(config.server_pids, probe.delta("servers"), rss_before, rss_after)
+    report.set_contention(machine_cpu=probe.delta("machine"), lag=probe.lag)
 
 
 def config_from_args(args: Any, settings: Settings) -> LoadConfig:

@@ -31,6 +31,8 @@ MODES = ("idle", "fanout", "chat")
 SPARE_FDS = 256
 # Clients closed at once at the end: each close is a round trip with its node.
 CLOSE_BATCH = 500
+# Microseconds between samples of this process's own loop lag (`watch_loop`).
+LAG_PERIOD_US = 5000
 
 
 def monotonic_us() -> int:
@@ -264,6 +266,15 @@ async def progress(fleet: Fleet, tally: Tally, extra: Callable[[], str] = lambda
             flush=True,
         )
         last, before = now, latency.snapshot()
+
+
+async def watch_loop(lag: LatencyHistogram) -> None:
+    """Record how late a short sleep wakes, until cancelled. Every latency this process
+    takes while its loop is late (busy, or waiting for a CPU) is late by as much."""
+    while True:
+        asleep = time.monotonic_ns()
+        await asyncio.sleep(LAG_PERIOD_US / 1e6)
+        lag.record(max(0, (time.monotonic_ns() - asleep) // 1000 - LAG_PERIOD_US))
 
 
 def raise_fd_limit(connections: int) -> None:

@@ -23,7 +23,14 @@ import orjson
 
 from common.config import ConfigError
 from common.loadtest_fleet import LoadConfig
-from common.loadtest_report import LatencyHistogram, Report, cpu_seconds, percentiles_ms, rss_bytes
+from common.loadtest_report import (
+    LatencyHistogram,
+    Report,
+    cpu_seconds,
+    machine_busy_seconds,
+    percentiles_ms,
+    rss_bytes,
+)
 
 SUMMED = ("published", "expected", "delivered", "lost", "duplicated", "out_of_order", "gaps")
 CONNECTION_COUNTS = ("target", "made", "failed", "reconnects", "failed_attempts")
@@ -86,6 +93,7 @@ async def run_processes(config: LoadConfig) -> Report:
             )
         await _expect(procs, "READY", config.connect_timeout + config.ramp + 60)
         started, cpu_before = time.perf_counter(), [cpu_seconds(p) for p in config.server_pids]
+        machine_before = machine_busy_seconds()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write(b"GO\n")
@@ -93,6 +101,7 @@ async def run_processes(config: LoadConfig) -> Report:
         await _expect(procs, "DONE", config.duration + 60)
         window = time.perf_counter() - started
         server_cpu = sum(cpu_seconds(p) for p in config.server_pids) - sum(cpu_before)
+        machine_cpu = machine_busy_seconds() - machine_before
         rss_after = [rss_bytes(p) for p in config.server_pids]
         outs = await asyncio.wait_for(
             asyncio.gather(*(p.communicate() for p in procs)), config.settle + 120
@@ -107,6 +116,10 @@ async def run_processes(config: LoadConfig) -> Report:
     report = merge(config, shards, window)
     if config.server_pids:
         report.set_servers(config.server_pids, server_cpu, rss_before, rss_after)
+    lag = LatencyHistogram()
+    for shard in shards:
+        lag.merge(shard["raw"]["loop_lag"])
+    report.set_contention(machine_cpu=machine_cpu, lag=lag)
     return report
 
 

@@ -177,6 +177,16 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy since boot, all CPUs (from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size of a process, from /proc/PID/status (0 if it is gone)."""
     try:
@@ -212,7 +222,7 @@ class Report:
     gaps: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     chat: dict[str, Any] | None = None
-    loadtest: dict[str, float] = field(default_factory=dict)
+    loadtest: dict[str, Any] = field(default_factory=dict)
     servers: dict[str, Any] | None = None
     # A shard's histograms and connect times, for the parent to merge (not printed).
     raw: dict[str, Any] | None = None
@@ -241,6 +251,17 @@ class Report:
             "rss_per_connection_kib": round(rss_grown / 1024 / made, 2),
             "redis_cpu_cores": round(redis_cpu / window, 3),
         }
+
+    def set_contention(self, *, machine_cpu: float, lag: LatencyHistogram) -> None:
+        """What says whether this process measured the cluster or its own waits: how late
+        its event loop woke (a late wake-up is added to every latency it takes meanwhile)
+        and how many cores processes other than it, the servers and Redis used."""
+        window = self.window_s or 1.0
+        servers = self.servers["cpu_seconds"] if self.servers else 0.0
+        ours = self.loadtest.get("cpu_seconds", 0.0) + servers
+        redis = self.loadtest.get("redis_cpu_cores", 0.0) * window
+        self.loadtest["loop_lag_ms"] = lag.summary_ms()
+        self.loadtest["other_cpu_cores"] = round(max(0.0, machine_cpu - ours - redis) / window, 3)
 
     def set_servers(
         self, pids: Iterable[int], cpu: float, rss_before: list[int], rss_after: list[int]
@@ -327,6 +348,12 @@ class Report:
             f"{lt.get('cores_per_1000_per_s', 0):.3f} cores per 1000 deliveries/s, "
             f"RSS {lt.get('rss_mib', 0):.0f} MiB"
         )
+        if "loop_lag_ms" in lt:
+            lag = lt["loop_lag_ms"]
+            lines.append(
+                f"  contention   load generator loop lag p99 {lag['p99']} ms, max "
+                f"{lag['max']} ms; other processes {lt['other_cpu_cores']:.2f} cores"
+            )
         if self.servers:
             s = self.servers
             line = f"  servers      {s['cpu_cores']:.2f} cores"
