@@ -68,8 +68,10 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_USER_ID:
-            raise AuthError("invalid token: 'sub' must be a string of 1 to 128 characters")
+        if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_USER_ID or "\x00" in sub:
+            raise AuthError(
+                "invalid token: 'sub' must be a string of 1 to 128 characters, without U+0000"
+            )
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AuthError("invalid token: 'roles' must be a list of strings")

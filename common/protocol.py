@@ -158,7 +158,7 @@ def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) ->
     metadata = raw.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'metadata' must be an object", frame_id)
-    if _has_nul(frame_id) or _has_nul(content) or _has_nul(metadata):
+    if has_nul(frame_id) or has_nul(content) or has_nul(metadata):
         # Postgres text and jsonb cannot store U+0000: refused here, before the ack,
         # not dead-lettered by the worker after it.
         raise ProtocolError(
@@ -169,7 +169,7 @@ def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) ->
     return Chat(frame_id, session_id, content, metadata)
 
 
-def _has_nul(value: object) -> bool:
+def has_nul(value: object) -> bool:
     """Whether a JSON value holds U+0000 in any string (keys included)."""
     # A stack, not recursion: a 64 KiB frame can nest deeper than Python's limit.
     stack = [value]

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from common.auth import Identity
 from common.lifecycle import SETTABLE, STATUSES, Refused
-from common.protocol import MAX_USER_ID, is_session_id
+from common.protocol import MAX_USER_ID, has_nul, is_session_id
 from common.sessions import SessionChanges
 from common.store import SessionCursor, SessionRecord
 from node.api import ApiError, _authenticate, _body, _json
@@ -57,6 +57,8 @@ def _changes(state: NodeState) -> SessionChanges:
 def _user_id(value: Any, name: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_USER_ID:
         raise _bad(f"'{name}' must be a user id of 1 to {MAX_USER_ID} characters")
+    if has_nul(value):
+        raise _bad(f"'{name}' must not contain U+0000")
     return value
 
 
@@ -76,6 +78,9 @@ def _agent(value: Any) -> str:
 def _metadata(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad("'metadata' must be an object")
+    if has_nul(value):
+        # Postgres jsonb cannot hold it: a clear 400, not a failed INSERT (500).
+        raise _bad("'metadata' must not contain U+0000")
     return value
 
 

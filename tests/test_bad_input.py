@@ -138,6 +138,7 @@ async def test_bad_tokens_are_refused_before_the_upgrade(node: Proc) -> None:
             "Authorization": "Bearer " + _forge({"sub": "m", "exp": now + 60}, key="x" * 40)
         },
         "alg none": {"Authorization": f"Bearer {none_alg}"},
+        "NUL in sub": {"Authorization": "Bearer " + _forge({"sub": "m\x00", "exp": now + 60})},
     }
     for name, headers in cases.items():
         assert await _upgrade_status(node, headers) == 401, name

@@ -245,6 +245,11 @@ async def test_bad_parameters_and_bodies_get_400(node: Proc) -> None:
         ("POST", one + "/participants", {"user_id": ""}, None),
         ("POST", one + "/participants", {"user_id": "x" * 129}, None),
         ("POST", "/api/v1/sessions", {"participants": ["ok", 3]}, None),
+        # Postgres cannot store U+0000: a clear 400, not a failed INSERT.
+        ("POST", "/api/v1/sessions", {"participants": ["nul\x00"]}, None),
+        ("POST", "/api/v1/sessions", {"metadata": {"k": ["v\x00"]}}, None),
+        ("PATCH", one, {"metadata": {"k\x00": 1}}, None),
+        ("POST", one + "/participants", {"user_id": "a\x00b"}, None),
     ]
     for method, path, body, params in cases:
         code, answer = await call(node, method, path, "will", json=body, params=params)
