@@ -8,14 +8,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
+from aiohttp.http import WebSocketWriter
 
 from common.protocol import CloseCode
 
 log = logging.getLogger("fanout.node")
 
 _TEXT = int(WSMsgType.TEXT)
+_PING = int(WSMsgType.PING)
+
+# aiohttp writes an uncompressed frame synchronously and only then awaits its flow
+# control; the node calls that synchronous step directly (`send`, `ping`). Private API:
+# without it, every frame goes through the writer task and aiohttp runs the heartbeat.
+DIRECT_WRITES = hasattr(WebSocketWriter, "_write_websocket_frame")
 
 # A peer that does not read our close frame within this time is cut (SPEC §4).
 CLOSE_TIMEOUT = 10.0
@@ -72,6 +80,18 @@ class RateLimiter:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionHooks:
+    """What connections tell the node's metrics: one instance shared by all of them."""
+
+    on_slow_close: Callable[[], None] = lambda: None
+    on_drop: Callable[[int], None] = lambda frames: None
+    on_written: Callable[[float], None] = lambda seconds: None
+
+
+NO_HOOKS = ConnectionHooks()
+
+
 class Connection:
     """A device's socket. `send` never blocks: frames queue up to a byte bound.
 
@@ -88,10 +108,8 @@ class Connection:
         "_direct",
         "_direct_writes",
         "_drained",
+        "_hooks",
         "_limit",
-        "_on_drop",
-        "_on_slow_close",
-        "_on_written",
         "_queue",
         "_queued",
         "_transport",
@@ -102,6 +120,8 @@ class Connection:
         "device_id",
         "expires_at",
         "floor",
+        "heard_at",
+        "pinged",
         "session_id",
         "user_id",
         "ws",
@@ -118,9 +138,7 @@ class Connection:
         session_id: str | None,
         queue_limit: int,
         expires_at: float = float("inf"),
-        on_slow_close: Callable[[], None] = lambda: None,
-        on_drop: Callable[[int], None] = lambda frames: None,
-        on_written: Callable[[float], None] = lambda seconds: None,
+        hooks: ConnectionHooks = NO_HOOKS,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -133,6 +151,10 @@ class Connection:
         # Logged frames with seq <= floor were sent before this connection joined.
         self.floor = 0
         self.connected_at = time.time()
+        # Heartbeat (node.timers.Heartbeat): when the peer last sent a frame, and whether
+        # it has been pinged since.
+        self.heard_at = time.monotonic()
+        self.pinged = False
         self._limit = queue_limit
         # Frames waiting for the socket; None while nothing waits (and no writer runs).
         self._queue: deque[bytes] | None = None
@@ -143,48 +165,60 @@ class Connection:
         self._drained: asyncio.Event | None = None
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
-        self._on_slow_close = on_slow_close
-        self._direct: Callable[[bytes, int, int], None] | None = None
+        self._hooks = hooks
+        self._direct: WebSocketWriter | None = None
         self._direct_writes = 0
-        self._on_drop = on_drop
-        # Delivery latency: when the queue last became non-empty, and who is told
+        # Delivery latency: when the queue last became non-empty; the hooks are told
         # (once per written batch, not per frame) how long that batch waited.
         self._waiting_since = 0.0
-        self._on_written = on_written
 
     @property
     def closing(self) -> bool:
         return self._closing
 
     def start(self) -> None:
-        """Once the upgrade is done: the direct write path."""
-        # aiohttp writes an uncompressed frame synchronously and only then awaits its
-        # flow control; `send` does its own (the byte bound), so when nothing is queued
-        # it calls that synchronous step directly. Private API: without it, every frame
-        # goes through the writer task as before.
+        """Once the upgrade is done: the direct write path (see DIRECT_WRITES)."""
         writer = getattr(self.ws, "_writer", None)
-        self._direct = getattr(writer, "_write_websocket_frame", None)
+        if DIRECT_WRITES and isinstance(writer, WebSocketWriter):
+            self._direct = writer
+
+    def heard(self) -> None:
+        """A frame came from the peer: it is alive."""
+        self.heard_at = time.monotonic()
+        self.pinged = False
+
+    def ping(self) -> None:
+        """Send a ping now, ahead of anything queued (control frames may interleave)."""
+        self.pinged = True
+        if self._direct is not None and not self._closing:
+            self._direct._write_websocket_frame(b"", _PING, 0)
+
+    def cut(self) -> None:
+        """A silent peer would not read a close frame: drop the socket."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def send(self, frame: bytes) -> None:
         """Write or queue a frame; over the bound, close the connection with 1013."""
         if self._closing:
-            self._on_drop(1)
+            self._hooks.on_drop(1)
             return
         transport = self._transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         if not self._queue and self._direct is not None and buffered + len(frame) <= self._limit:
             # Nothing waits before it: straight into the socket, no task wake-up.
-            self._direct(frame, _TEXT, 0)
+            self._direct._write_websocket_frame(frame, _TEXT, 0)
             # These waited no time; 1 in 16 is observed, which keeps the latency
             # histogram's shape at a sixteenth of the cost per delivery.
             self._direct_writes += 1
             if self._direct_writes & 15 == 1:
-                self._on_written(0.0)
+                self._hooks.on_written(0.0)
             return
         self._queued += len(frame)
         if self._queued + buffered > self._limit:
-            self._on_drop(1)
-            self._on_slow_close()
+            self._hooks.on_drop(1)
+            self._hooks.on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
             return
         self._enqueue(frame)
@@ -201,7 +235,7 @@ class Connection:
             self._drained.clear()
             await self._drained.wait()
         if self._closing:
-            self._on_drop(1)
+            self._hooks.on_drop(1)
             return
         self._queued += len(frame)
         self._enqueue(frame)
@@ -229,7 +263,7 @@ class Connection:
         self._queue = self._writer = None
         if self._drained is not None:
             self._drained.set()
-        self._on_written(time.perf_counter() - since)
+        self._hooks.on_written(time.perf_counter() - since)
 
     def close(self, code: int, reason: str) -> None:
         """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
@@ -237,7 +271,7 @@ class Connection:
             return
         self._closing = True
         if self._queue:
-            self._on_drop(len(self._queue))
+            self._hooks.on_drop(len(self._queue))
             self._queue.clear()
         if self._drained is not None:
             self._drained.set()  # releases a paced replay

@@ -19,7 +19,7 @@ from common.keys import Keys
 from common.protocol import SKIP_MARK, encode, seq_of
 from common.pubsub import ChannelSubscriber
 from node.connection import Connection
-from node.expiry import TokenExpiry
+from node.timers import Heartbeat, TokenExpiry
 
 log = logging.getLogger("fanout.node")
 
@@ -64,6 +64,7 @@ class Hub:
         self.on_delivered: Callable[[int], None] = lambda count: None
         self.gaps_repaired = 0
         self.expiry = TokenExpiry()
+        self.heartbeat = Heartbeat()
 
     def attach(self, subscriber: ChannelSubscriber) -> None:
         self.subscriber = subscriber
@@ -237,6 +238,7 @@ class Hub:
 
     async def close(self) -> None:
         self.expiry.close()
+        self.heartbeat.close()
         tasks = [u.repair for u in self.users.values() if u.repair is not None]
         for task in tasks:
             task.cancel()

@@ -13,6 +13,7 @@ from common.config import Settings
 from common.keys import Keys
 from common.sessions import SessionDirectory
 from common.store import Store
+from node.connection import ConnectionHooks
 from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
@@ -32,6 +33,15 @@ class NodeState:
     metrics: NodeMetrics
     draining: bool = False
     started_at: float = field(default=0.0)
+    # Shared by every connection (bound methods made once, not per socket).
+    connection_hooks: ConnectionHooks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connection_hooks = ConnectionHooks(
+            on_slow_close=self.metrics.slow_consumer_closes.inc,
+            on_drop=self.metrics.dropped.inc,
+            on_written=self.metrics.delivery_latency.observe,
+        )
 
 
 STATE: web.AppKey[NodeState] = web.AppKey("fanout_state", NodeState)

@@ -20,7 +20,7 @@ from common.protocol import (
     is_valid_device_id,
     parse_client_frame,
 )
-from node.connection import Connection, RateLimiter
+from node.connection import DIRECT_WRITES, Connection, RateLimiter
 from node.metrics import frame_kind
 from node.router import route
 from node.state import STATE, NodeState
@@ -113,8 +113,11 @@ async def _admit(
         metrics.refused_total.labels("429").inc()
         return refuse(429, "TOO_MANY_DEVICES", "the user has the maximum devices connected")
 
+    # The node runs the heartbeat itself (node.timers.Heartbeat, one timer for all
+    # sockets), so it answers pings too; aiohttp's costs a timer per socket.
     ws = web.WebSocketResponse(
-        heartbeat=state.settings.heartbeat,
+        heartbeat=None if DIRECT_WRITES else state.settings.heartbeat,
+        autoping=not DIRECT_WRITES,
         max_msg_size=state.settings.max_frame,
         compress=False,
     )
@@ -127,9 +130,7 @@ async def _admit(
         session_id=session_id,
         queue_limit=state.settings.send_queue_bytes,
         expires_at=identity.expires_at,
-        on_slow_close=metrics.slow_consumer_closes.inc,
-        on_drop=metrics.dropped.inc,
-        on_written=metrics.delivery_latency.observe,
+        hooks=state.connection_hooks,
     )
     return conn, claim == 1, last_seq
 
@@ -166,10 +167,12 @@ def _welcome(state: NodeState, conn: Connection, newest: int) -> None:
 
 
 async def _receive(state: NodeState, conn: Connection) -> None:
-    """Read client frames until the socket closes (the token's expiry closes it too)."""
+    """Read client frames until the socket closes (token expiry and heartbeat close it too)."""
     settings = state.settings
-    expiry = state.hub.expiry
+    expiry, heartbeat = state.hub.expiry, state.hub.heartbeat
     expiry.watch(conn)
+    if DIRECT_WRITES:
+        heartbeat.watch(conn, settings.heartbeat)
     # Made at the first frame: most sockets are idle, and a node holds thousands.
     limiter: RateLimiter | None = None
     ws = conn.ws
@@ -179,6 +182,10 @@ async def _receive(state: NodeState, conn: Connection) -> None:
             msg = await ws.receive()
             if msg.type in _CLOSED:
                 return
+            conn.heard()
+            if msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
+                continue
             if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
                 continue
             if limiter is None:
@@ -194,6 +201,7 @@ async def _receive(state: NodeState, conn: Connection) -> None:
             await _handle(state, conn, msg.data)
     finally:
         expiry.forget(conn)
+        heartbeat.forget(conn)
 
 
 async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None:

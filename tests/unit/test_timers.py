@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from node.expiry import TokenExpiry
+from node.timers import Heartbeat, TokenExpiry
 
 
 class FakeConn:
@@ -63,3 +63,36 @@ async def test_no_expiry_and_close_cancel_the_timer() -> None:
     expiry.close()
     await asyncio.sleep(1.1)
     assert forever.closed is None and pending.closed is None
+
+
+class FakePeer:
+    def __init__(self) -> None:
+        self.heard_at = time.monotonic()
+        self.pinged = False
+        self.pings = 0
+        self.cut_after: float | None = None
+
+    def ping(self) -> None:
+        self.pinged, self.pings = True, self.pings + 1
+
+    def cut(self) -> None:
+        self.cut_after = time.monotonic() - self.heard_at
+
+    def heard(self) -> None:
+        self.heard_at, self.pinged = time.monotonic(), False
+
+
+async def test_heartbeat_pings_once_then_cuts_a_silent_peer_after_twice_the_interval() -> None:
+    heartbeat = Heartbeat()
+    silent, alive = FakePeer(), FakePeer()
+    heartbeat.watch(silent, 0.2)
+    heartbeat.watch(alive, 0.2)
+    for _ in range(10):  # 0.6 s, the alive peer answers every 0.06 s
+        await asyncio.sleep(0.06)
+        alive.heard()
+    assert silent.pings == 1, "one ping per silence"
+    assert silent.cut_after is not None and 0.4 <= silent.cut_after < 0.55
+    assert alive.cut_after is None and alive.pings == 0
+    heartbeat.forget(alive)
+    await asyncio.sleep(0.1)
+    heartbeat.close()

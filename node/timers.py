@@ -1,4 +1,8 @@
-"""Token expiry: one timer for the whole node closes every socket whose token has expired."""
+"""Per-socket deadlines kept node-wide: token expiry (1008) and the heartbeat.
+
+A timer per socket costs a node a few hundred bytes per idle connection; here each
+socket costs a set entry and the node has one timer (or task) per kind.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,24 @@ class Expiring(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
+class Peer(Protocol):
+    """What the heartbeat needs of a connection (node.connection.Connection)."""
+
+    @property
+    def heard_at(self) -> float: ...
+
+    @property
+    def pinged(self) -> bool: ...
+
+    def ping(self) -> None: ...
+
+    def cut(self) -> None: ...
+
+
 class TokenExpiry:
     """Connections bucketed by the second their token expires, and one timer for the earliest.
 
-    A timer per connection costs a node a few hundred bytes per idle socket; a bucket
-    costs one set entry. A socket is closed (1008) within a second after its `exp`.
+    A socket is closed (1008) within a second after its `exp`.
     """
 
     def __init__(self) -> None:
@@ -83,3 +100,46 @@ class TokenExpiry:
                 conn.close(CloseCode.POLICY, "token expired")
         if self._due:
             self._arm(self._due[0])
+
+
+class Heartbeat:
+    """Pings each socket silent for `interval` seconds and cuts one silent for twice that.
+
+    It ticks every quarter interval while it watches a socket: a ping goes out 1 to 1.25
+    intervals into a silence, a cut comes 2 to 2.25 intervals into it (SPEC §3).
+    """
+
+    def __init__(self) -> None:
+        self._peers: set[Peer] = set()
+        self._interval = 30.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, peer: Peer, interval: float) -> None:
+        self._peers.add(peer)
+        self._interval = interval
+        if self._timer is None:
+            self._arm()
+
+    def forget(self, peer: Peer) -> None:
+        self._peers.discard(peer)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._interval / 4, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for peer in list(self._peers):
+            silent = now - peer.heard_at
+            if silent >= 2 * self._interval:
+                self._peers.discard(peer)
+                peer.cut()
+            elif silent >= self._interval and not peer.pinged:
+                peer.ping()
+        if self._peers:
+            self._arm()
