@@ -115,6 +115,10 @@ async def write_batch(
 ) -> tuple[list[ChatWritten | None], list[MessageRecord]]:
     """Store chats and replies in one transaction; a chat whose session is gone gets None."""
     chats = [_canonical(c) for c in chats]
+    if not chats:
+        # Replies alone are one INSERT: atomic by itself, no BEGIN/COMMIT round trips.
+        stored, _ = await _insert(conn, [_reply_row(r) for r in replies])
+        return [], [stored[(r.session_id, r.user_id, r.client_msg_id)] for r in replies]
     async with conn.transaction():
         locked = await _lock(conn, {c.session_id for c in chats})
         plans = await _plan(conn, chats, locked)

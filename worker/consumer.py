@@ -26,6 +26,7 @@ from common.config import Settings
 from common.entries import BadEntry, ChatEntry
 from common.errors import SERVICE_DOWN
 from common.keys import CONSUMER_GROUP, Keys
+from common.resp import RespConnection
 from worker.processor import ChatProcessor
 
 log = logging.getLogger("fanout.worker")
@@ -53,6 +54,7 @@ class PartitionConsumer:
         processor: ChatProcessor,
         limit: asyncio.Semaphore,
         on_health: Callable[[bool], None],
+        commands: RespConnection | None = None,
     ) -> None:
         self.partition = partition
         self._redis = redis
@@ -63,6 +65,7 @@ class PartitionConsumer:
         self._processor = processor
         self._limit = limit
         self._on_health = on_health
+        self._commands = commands
         self._stopping = False
         self.failures = 0
         self.dead_lettered = 0
@@ -163,7 +166,11 @@ class PartitionConsumer:
     async def _flush_acks(self) -> None:
         if self._acks:
             done, self._acks = self._acks, []
-            await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
+            if self._commands is not None:
+                # In the write the worker's deliveries go out in: no round trip of its own.
+                await self._commands.call("XACK", self._stream, CONSUMER_GROUP, *done)
+            else:
+                await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
             await self._trim()
 
     async def _ensure_group(self) -> None:

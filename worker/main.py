@@ -44,6 +44,7 @@ class Worker:
         self._keys = keys
         self._redis = redis
         self.store = store
+        self._commands = commands
         bus = Bus(redis, settings, commands)
         directory = SessionDirectory(redis, store, keys, commands)
         self.processor = ChatProcessor(store, bus, directory, assistant or EchoAssistant())
@@ -131,6 +132,7 @@ class Worker:
             processor=self.processor,
             limit=self._limit,
             on_health=self._set_health,
+            commands=self._commands,
         )
         task = asyncio.create_task(consumer.run(), name=f"partition-{partition}")
         task.add_done_callback(lambda _: self._wake.set())
