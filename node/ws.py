@@ -49,23 +49,43 @@ def origin_allowed(state: NodeState, request: web.Request) -> bool:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
+    """A socket's life: admitted, upgraded, joined, read until it closes, released."""
     state = request.app[STATE]
     admitted = await _admit(state, request)
     if isinstance(admitted, web.Response):
         return admitted
     conn, came_online, last_seq = admitted
-    metrics = state.metrics
+    metrics, hub = state.metrics, state.hub
     try:
         await conn.ws.prepare(request)
         metrics.connections_total.inc()
         metrics.connections_active.inc()
+        hub.expiry.watch(conn)
         try:
             if await _join(state, conn, came_online, last_seq):
-                await _receive(state, conn)
+                if DIRECT_WRITES:  # from now on the loop below reads the pongs
+                    hub.heartbeat.watch(conn, state.settings.heartbeat)
+                # Read here rather than in a coroutine of its own: a node holds
+                # thousands of sockets, and each coroutine held costs ~0.3 KiB.
+                limiter: RateLimiter | None = None  # made at the first client frame
+                while not conn.closing:
+                    msg = await conn.ws.receive()
+                    if msg.type in _CLOSED:
+                        break
+                    conn.heard()
+                    if msg.type == WSMsgType.PING:
+                        await conn.ws.pong(msg.data)
+                    elif msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
+                        if limiter is None:
+                            limiter = RateLimiter(state.settings.rate, state.settings.rate_burst)
+                        if _within_rate(state, conn, limiter):
+                            await _handle(state, conn, msg.data)
         finally:
             metrics.connections_active.dec()
+            hub.expiry.forget(conn)
+            hub.heartbeat.forget(conn)
     finally:
-        state.hub.leave(conn)
+        hub.leave(conn)
         await conn.stop()
         await _release(state, conn)
     return conn.ws
@@ -166,42 +186,16 @@ def _welcome(state: NodeState, conn: Connection, newest: int) -> None:
     )
 
 
-async def _receive(state: NodeState, conn: Connection) -> None:
-    """Read client frames until the socket closes (token expiry and heartbeat close it too)."""
-    settings = state.settings
-    expiry, heartbeat = state.hub.expiry, state.hub.heartbeat
-    expiry.watch(conn)
-    if DIRECT_WRITES:
-        heartbeat.watch(conn, settings.heartbeat)
-    # Made at the first frame: most sockets are idle, and a node holds thousands.
-    limiter: RateLimiter | None = None
-    ws = conn.ws
-    try:
-        # `ws.receive()` rather than `async for`: one coroutine fewer held per socket.
-        while True:
-            msg = await ws.receive()
-            if msg.type in _CLOSED:
-                return
-            conn.heard()
-            if msg.type == WSMsgType.PING:
-                await ws.pong(msg.data)
-                continue
-            if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
-                continue
-            if limiter is None:
-                limiter = RateLimiter(settings.rate, settings.rate_burst)
-            if not limiter.allow():
-                state.metrics.received("rate_limited")
-                if limiter.flooding:
-                    conn.close(CloseCode.POLICY, "flooding")
-                    return
-                if limiter.should_report():
-                    conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
-                continue
-            await _handle(state, conn, msg.data)
-    finally:
-        expiry.forget(conn)
-        heartbeat.forget(conn)
+def _within_rate(state: NodeState, conn: Connection, limiter: RateLimiter) -> bool:
+    """False: the frame is dropped (RATE_LIMIT at most once a second; flooding closes 1008)."""
+    if limiter.allow():
+        return True
+    state.metrics.received("rate_limited")
+    if limiter.flooding:
+        conn.close(CloseCode.POLICY, "flooding")
+    elif limiter.should_report():
+        conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
+    return False
 
 
 async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None:
