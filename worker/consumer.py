@@ -26,7 +26,7 @@ from common.config import Settings
 from common.entries import BadEntry, ChatEntry
 from common.errors import SERVICE_DOWN
 from common.keys import CONSUMER_GROUP, Keys
-from common.resp import RespConnection
+from common.resp import RespConnection, address_of
 from worker.processor import ChatProcessor
 
 log = logging.getLogger("fanout.worker")
@@ -66,6 +66,9 @@ class PartitionConsumer:
         self._limit = limit
         self._on_health = on_health
         self._commands = commands
+        # Stream reads block, so they cannot share `commands`; they get a lean
+        # connection of their own where there is a shared one (not in cluster mode).
+        self._reader = RespConnection(address_of(redis)) if commands is not None else None
         self._stopping = False
         self.failures = 0
         self.dead_lettered = 0
@@ -98,6 +101,8 @@ class PartitionConsumer:
             for task in self._inflight:  # cancelled (lease lost): the entries stay pending
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
+            if self._reader is not None:
+                await self._reader.close()
 
     async def _retry_pending(self) -> bool:
         """Re-process our pending entries in order; True if some are still failing."""
@@ -214,21 +219,37 @@ class PartitionConsumer:
             await asyncio.sleep(min(1.0, self._settings.claim_idle / 4))
 
     async def _read(self, start: str, block: int | None = None) -> list[Entry]:
-        reply: Any = await self._redis.xreadgroup(
-            CONSUMER_GROUP,
-            self._consumer,
-            {self._stream: start},
-            count=BATCH,
-            block=block,
-        )
-        if not reply:
-            return []
-        entries: list[Entry] = reply[0][1]
+        if self._reader is not None:
+            entries = await self._read_lean(start, block)
+        else:
+            reply: Any = await self._redis.xreadgroup(
+                CONSUMER_GROUP,
+                self._consumer,
+                {self._stream: start},
+                count=BATCH,
+                block=block,
+            )
+            entries = reply[0][1] if reply else []
         # An entry deleted (trimmed) while pending comes back with no fields: just ack it.
         gone = [eid for eid, fields in entries if not fields]
         if gone:
             await self._redis.xack(self._stream, CONSUMER_GROUP, *gone)
         return [(eid, fields) for eid, fields in entries if fields]
+
+    async def _read_lean(self, start: str, block: int | None) -> list[Entry]:
+        """XREADGROUP on this consumer's own lean connection (a blocking read holds it)."""
+        assert self._reader is not None
+        args: list[str | int] = ["GROUP", CONSUMER_GROUP, self._consumer, "COUNT", BATCH]
+        if block is not None:
+            args += ["BLOCK", block]
+        reply: Any = await self._reader.call("XREADGROUP", *args, "STREAMS", self._stream, start)
+        if not reply:
+            return []
+        # [[stream, [[id, [field, value, ...] or nil], ...]]]
+        return [
+            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {})
+            for entry_id, flat in reply[0][1]
+        ]
 
     async def _process(self, entries: list[Entry]) -> bool:
         """Process a batch; True if every entry was acknowledged."""
