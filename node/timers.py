@@ -105,23 +105,33 @@ class TokenExpiry:
 class Heartbeat:
     """Pings each socket silent for `interval` seconds and cuts one silent for twice that.
 
-    It ticks every quarter interval while it watches a socket: a ping goes out 1 to 1.25
-    intervals into a silence, a cut comes 2 to 2.25 intervals into it (SPEC §3).
+    Every socket is looked at every quarter interval: a ping goes out 1 to 1.25
+    intervals into a silence, a cut comes 2 to 2.25 intervals into it (SPEC §3). The
+    sockets are dealt into SLICES groups and each tick looks at one group, so the
+    pings of thousands of sockets that answered together (every idle socket does, after
+    the first round) go out spread over the quarter, not as one burst that stalls the
+    loop for every delivery behind it.
     """
 
+    SLICES = 8
+
     def __init__(self) -> None:
-        self._peers: set[Peer] = set()
+        self._groups: list[set[Peer]] = [set() for _ in range(self.SLICES)]
+        self._dealt = 0
+        self._turn = 0
         self._interval = 30.0
         self._timer: asyncio.TimerHandle | None = None
 
     def watch(self, peer: Peer, interval: float) -> None:
-        self._peers.add(peer)
+        self._groups[self._dealt % self.SLICES].add(peer)
+        self._dealt += 1
         self._interval = interval
         if self._timer is None:
             self._arm()
 
     def forget(self, peer: Peer) -> None:
-        self._peers.discard(peer)
+        for group in self._groups:
+            group.discard(peer)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -129,17 +139,20 @@ class Heartbeat:
             self._timer = None
 
     def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._interval / 4, self._tick)
+        tick = self._interval / 4 / self.SLICES
+        self._timer = asyncio.get_running_loop().call_later(tick, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        group = self._groups[self._turn]
+        self._turn = (self._turn + 1) % self.SLICES
         now = time.monotonic()
-        for peer in list(self._peers):
+        for peer in list(group):
             silent = now - peer.heard_at
             if silent >= 2 * self._interval:
-                self._peers.discard(peer)
+                group.discard(peer)
                 peer.cut()
             elif silent >= self._interval and not peer.pinged:
                 peer.ping()
-        if self._peers:
+        if any(self._groups):
             self._arm()
