@@ -188,7 +188,11 @@ class Bus:
             await pipe.execute()
 
     async def current_seq(self, user_id: str) -> int:
-        raw = await self.redis.get(self.keys.seq(user_id))
+        key = self.keys.seq(user_id)
+        if self._pipeliner is not None:
+            raw = await self._pipeliner.call("GET", key)
+        else:
+            raw = await self.redis.get(key)
         return int(raw) if raw else 0
 
     async def log_after(self, user_id: str, after: int, limit: int | None = None) -> list[bytes]:

@@ -18,14 +18,16 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.commands.core import AsyncScript as Script
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 # Seconds the oldest command may wait for its reply before the link counts as frozen.
 REPLY_TIMEOUT = 10.0
@@ -77,6 +79,24 @@ async def command_connection(
         yield connection
     finally:
         await connection.close()
+
+
+async def run_script(
+    connection: RespConnection,
+    script: Script,
+    keys: Sequence[bytes | str],
+    args: Sequence[bytes | str | int | float],
+) -> Any:
+    """EVALSHA a redis-py registered script on the connection, loading it if Redis lost it."""
+    try:
+        return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        # Redis restarted or flushed its scripts: the script did not run; load it, again.
+        body = script.script
+        await connection.call(
+            "SCRIPT", "LOAD", body if isinstance(body, str | bytes) else bytes(body)
+        )
+        return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 class _Protocol(asyncio.Protocol):

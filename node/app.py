@@ -65,6 +65,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     lease_ttl=settings.lease_ttl,
                     max_devices=settings.max_devices,
                     cluster=settings.redis_cluster,
+                    commands=commands,
                 )
                 state = NodeState(
                     settings=settings,

@@ -20,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common.keys import Keys
+from common.resp import RespConnection, run_script
 
 # KEYS: devices zset, device->connection hash
 # ARGV: device, holder, now ms, expires ms, max devices, key ttl s
@@ -77,8 +78,12 @@ class DeviceRegistry:
         lease_ttl: float,
         max_devices: int,
         cluster: bool = False,
+        commands: RespConnection | None = None,
     ) -> None:
         self._redis = redis
+        # Every connect and disconnect runs a script: on the shared connection when
+        # there is one (a connect burst grew redis-py's pool by a connection per claim).
+        self._commands = commands
         self._cluster = cluster
         self._keys = keys
         self._node_id = node_id
@@ -95,26 +100,26 @@ class DeviceRegistry:
     async def claim(self, user_id: str, device_id: str, conn_id: str) -> int:
         """1: the device came online; 0: it was already (another connection); -1: over the limit."""
         now = int(time.time() * 1000)
-        result = await self._join(
-            keys=[self._keys.devices(user_id), self._keys.device_conns(user_id)],
-            args=[
-                device_id,
-                self._holder(conn_id),
-                now,
-                now + self._lease_ms,
-                self._max_devices,
-                self._key_ttl,
-            ],
-        )
-        return int(result)
+        keys = [self._keys.devices(user_id), self._keys.device_conns(user_id)]
+        args: list[str | int] = [
+            device_id,
+            self._holder(conn_id),
+            now,
+            now + self._lease_ms,
+            self._max_devices,
+            self._key_ttl,
+        ]
+        if self._commands is not None:
+            return int(await run_script(self._commands, self._join, keys, args))
+        return int(await self._join(keys=keys, args=args))
 
     async def release(self, user_id: str, device_id: str, conn_id: str) -> bool:
         """True if the device went offline (this connection was its holder)."""
-        result = await self._leave(
-            keys=[self._keys.devices(user_id), self._keys.device_conns(user_id)],
-            args=[device_id, self._holder(conn_id)],
-        )
-        return bool(result)
+        keys = [self._keys.devices(user_id), self._keys.device_conns(user_id)]
+        args = [device_id, self._holder(conn_id)]
+        if self._commands is not None:
+            return bool(await run_script(self._commands, self._leave, keys, args))
+        return bool(await self._leave(keys=keys, args=args))
 
     async def refresh(self, held: Sequence[tuple[str, str]], *, spread: float = 0.0) -> None:
         """Extend the lease of every (user, device) this node holds, RENEW_CHUNK at a time,
