@@ -9,7 +9,7 @@ idempotent: a message re-processed after a worker crash keeps its first seq.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -165,6 +165,19 @@ class Bus:
             result: list[Any] = await pipe.execute()
         return result
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether commands share one ordered connection (then `publish_soon` is allowed)."""
+        return self._pipeliner is not None
+
+    def publish_soon(self, user_ids: Iterable[str], frame: bytes) -> Awaitable[None]:
+        """Send an ephemeral frame now, in order with this process's other commands;
+        await the outcome later (streamed deltas: many in flight, one write)."""
+        assert self._pipeliner is not None, "only on a shared connection (see `pipelined`)"
+        submit = self._pipeliner.submit
+        channels = [self.keys.user_channel(u) for u in dict.fromkeys(user_ids)]
+        return _all_of([submit(self._publish, channel, frame) for channel in channels])
+
     async def publish(
         self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
     ) -> None:
@@ -217,6 +230,12 @@ class Bus:
         else:
             entry_id = await self.redis.xadd(stream, {"c": entry})
         return bytes(entry_id)
+
+
+async def _all_of(sent: list[asyncio.Future[Any]]) -> None:
+    for result in await asyncio.gather(*sent, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _skipping(frame: bytes, user: str, skip: tuple[str, str] | None) -> bytes:

@@ -9,7 +9,9 @@ that are ready at the same time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 
 from common.bus import Bus
 from common.entries import ChatEntry
@@ -78,26 +80,39 @@ class ChatProcessor:
     async def _answer(self, session: SessionRecord, message: MessageRecord, reply_id: int) -> None:
         """Stream a reply under `reply_id`, store it, then deliver it as a message."""
         parts: list[str] = []
-        async for chunk in self._assistant.reply(session, message):
-            parts.append(chunk)
-            delta = encode(
-                {
-                    "type": "message_delta",
-                    "session_id": session.id,
-                    "message_id": reply_id,
-                    "delta": chunk,
-                }
+        # Deltas are not awaited one by one: each goes out as soon as it is made, in
+        # order (one connection), and their outcome is checked before the final
+        # message, which therefore always follows them.
+        published: list[Awaitable[None]] = []
+        try:
+            async for chunk in self._assistant.reply(session, message):
+                parts.append(chunk)
+                delta = encode(
+                    {
+                        "type": "message_delta",
+                        "session_id": session.id,
+                        "message_id": reply_id,
+                        "delta": chunk,
+                    }
+                )
+                if self._bus.pipelined:
+                    published.append(self._bus.publish_soon(session.participants, delta))
+                else:  # pooled connections keep no order between calls: one at a time
+                    await self._bus.publish(session.participants, delta)
+            reply = await self.writer.reply(
+                ReplyWrite(
+                    session_id=session.id,
+                    message_id=reply_id,
+                    client_msg_id=_reply_key(message),
+                    user_id=ASSISTANT_ID,
+                    content="".join(parts),
+                )
             )
-            await self._bus.publish(session.participants, delta)
-        reply = await self.writer.reply(
-            ReplyWrite(
-                session_id=session.id,
-                message_id=reply_id,
-                client_msg_id=_reply_key(message),
-                user_id=ASSISTANT_ID,
-                content="".join(parts),
-            )
-        )
+        finally:
+            outcomes = await asyncio.gather(*published, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         await self._deliver_reply(session, reply)
 
     async def _answer_again(self, session: SessionRecord, message: MessageRecord) -> None:
