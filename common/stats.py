@@ -23,6 +23,7 @@ from typing import Any, Self
 import orjson
 import redis.asyncio as aioredis
 
+from common.gcpause import GcPauses
 from common.keys import Keys
 
 log = logging.getLogger("fanout.stats")
@@ -116,6 +117,7 @@ class ProcessSampler:
         self.interval = interval
         self.started_at = time.time()
         self.lag = LoopLag()
+        self.gc = GcPauses()
 
     async def sample(self, redis: aioredis.Redis) -> dict[str, Any]:
         """The common fields, with a fresh Redis round trip and the loop lag since last time."""
@@ -133,6 +135,7 @@ class ProcessSampler:
             "interval_s": self.interval,
             "redis_rtt_ms": round(rtt * 1000, 3),
             "loop_lag_ms": round(self.lag.take() * 1000, 3),
+            "gc_pause_ms": self.gc.take(),
             "rss_bytes": rss_bytes(),
         }
 
@@ -163,6 +166,7 @@ class StatsWriter:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
+        self._sampler.gc.__enter__()
         self._tasks = [
             asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
             asyncio.create_task(
@@ -172,6 +176,7 @@ class StatsWriter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._sampler.gc.__exit__()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -355,6 +360,7 @@ def summarize(
         "queue_depth": queue_depth,
         "redis_rtt_ms_max": _max(processes, "redis_rtt_ms"),
         "loop_lag_ms_max": _max(processes, "loop_lag_ms"),
+        "gc_pause_ms_max": _max(processes, "gc_pause_ms"),
         "rss_bytes": int(_sum(processes, "rss_bytes")),
     }
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from common.auth import TokenVerifier
 from common.bus import Bus, connect_redis
 from common.config import Settings
+from common.gcpause import freeze_startup_objects
 from common.keys import Keys
 from common.protocol import CloseCode
 from common.resp import command_connection
@@ -95,6 +96,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     hub.attach(subscriber)
                     if settings.subscription_mode == "pattern":
                         await subscriber.psubscribe(keys.user_channel_pattern.encode())
+                    freeze_startup_objects()
                     refresher = asyncio.create_task(_refresh_devices(state), name="devices")
                     try:
                         yield

@@ -151,6 +151,7 @@ async def test_stats_from_either_node_list_every_process_with_real_numbers(
                 assert record["rss_bytes"] > 10_000_000
                 assert 0 < record["redis_rtt_ms"] < 1000
                 assert record["loop_lag_ms"] >= 0
+                assert record["gc_pause_ms"] >= 0
                 assert record["draining"] is False
             assert by_id["node-1"]["connections"] == 1
             assert by_id["node-2"]["connections"] == 1

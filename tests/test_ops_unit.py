@@ -150,6 +150,28 @@ def test_consumer_tally_keeps_counts_of_released_consumers() -> None:
     assert (tally.failures, tally.dead_lettered) == (5, 1)
 
 
+def test_gc_pauses_are_timed_and_frozen_objects_are_skipped() -> None:
+    import gc
+
+    from common.gcpause import GcPauses, freeze_startup_objects
+
+    with GcPauses() as pauses:
+        gc.collect()
+        assert pauses.collections >= 1 and pauses.take() >= 0.0
+        assert pauses.take() == 0.0, "take() resets"
+        thresholds = gc.get_threshold()
+        freeze_startup_objects()
+        try:
+            assert gc.get_freeze_count() > 0
+            assert gc.get_threshold()[2] == 100
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
+    collections = pauses.collections
+    gc.collect()
+    assert pauses.collections == collections, "the callback is gone after the block"
+
+
 async def test_loop_lag_sees_a_blocked_loop() -> None:
     lag = LoopLag()
     task = asyncio.create_task(lag.run())

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from common.bus import Bus, connect_redis
 from common.config import Settings
+from common.gcpause import freeze_startup_objects
 from common.keys import Keys
 from common.resp import RespConnection, command_connection
 from common.runtime import run, setup_logging, stop_event
@@ -188,6 +189,7 @@ async def serve(settings: Settings) -> None:
                 runner = web.AppRunner(health_app(worker, stats), access_log=None)
                 await runner.setup()
                 await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
+            freeze_startup_objects()
             log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
             try:
                 async with stats:  # written through the drain, removed once it is done

@@ -226,7 +226,7 @@ const CARDS = [
   ["queue_depth", "Queue depth", num], ["processed_per_s", "Processed/s", num],
   ["failures_total", "Failures", num], ["drops_total", "Drops", num],
   ["slow_consumer_closes_total", "Slow closes", num], ["redis_rtt_ms_max", "Redis RTT ms (max)", ms],
-  ["loop_lag_ms_max", "Loop lag ms (max)", ms],
+  ["loop_lag_ms_max", "Loop lag ms (max)", ms], ["gc_pause_ms_max", "GC pause ms (max)", ms],
 ];
 
 function renderTotals(totals) {
