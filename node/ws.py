@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
 
 from aiohttp import WSMsgType, web
@@ -26,6 +27,27 @@ from node.router import route
 from node.state import STATE, NodeState
 
 log = logging.getLogger("fanout.node")
+
+
+class _Refusals:
+    """Logs why frames get UNAVAILABLE: at most one line a second (an outage refuses
+    every frame of every socket), with how many were refused since the last line."""
+
+    def __init__(self) -> None:
+        self._logged_at = 0.0
+        self._since = 0
+
+    def note(self, kind: str, exc: BaseException) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            log.warning(
+                "%d frame(s) refused with UNAVAILABLE, the last a %s: %r", self._since, kind, exc
+            )
+            self._logged_at, self._since = now, 0
+
+
+_refusals = _Refusals()
 
 # What `async for msg in ws` stops at.
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
@@ -209,7 +231,7 @@ async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None
     except ProtocolError as exc:
         conn.send(error_frame(exc.code, exc.message, exc.frame_id))
     except SERVICE_DOWN as exc:
-        log.warning("%s frame from %s refused: backing service down (%r)", kind, conn.user_id, exc)
+        _refusals.note(kind, exc)
         conn.send(error_frame(ErrorCode.UNAVAILABLE, "backing service unavailable", frame_id))
     except Exception:
         log.exception("frame from %s/%s failed", conn.user_id, conn.device_id)
