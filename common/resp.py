@@ -31,6 +31,10 @@ from redis.exceptions import NoScriptError
 
 # Seconds the oldest command may wait for its reply before the link counts as frozen.
 REPLY_TIMEOUT = 10.0
+# Commands queued or awaiting replies at once. Past it a command fails at once
+# (ConnectionError: the caller answers UNAVAILABLE or retries later) instead of
+# queueing without bound behind a Redis that has stopped answering.
+MAX_IN_FLIGHT = 50_000
 CONNECT_TIMEOUT = 5.0
 
 
@@ -123,9 +127,16 @@ class _Protocol(asyncio.Protocol):
 class RespConnection:
     """One pipelined connection; `submit` a command, await its future."""
 
-    def __init__(self, address: dict[str, Any], *, reply_timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: dict[str, Any],
+        *,
+        reply_timeout: float = REPLY_TIMEOUT,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self._address = address
         self._reply_timeout = reply_timeout
+        self._max_in_flight = max_in_flight
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
@@ -143,6 +154,9 @@ class RespConnection:
         """Queue one command; a future of its reply (a Redis error is set as its exception)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
+        if len(self._waiting) + len(self._unsent) >= self._max_in_flight:
+            done.set_exception(RedisConnectionError("too many redis commands in flight"))
+            return done
         self._unsent.append((pack(*args), done))
         if not self._flush_scheduled:
             # Not at once: the commands of this loop turn leave in one write.

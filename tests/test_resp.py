@@ -112,3 +112,18 @@ async def test_a_frozen_link_is_dropped_after_the_reply_timeout(redis: aioredis.
             assert await conn.call("PING") == b"PONG"
         finally:
             await conn.close()
+
+
+async def test_commands_past_the_bound_fail_at_once(redis: aioredis.Redis) -> None:
+    async with CuttableProxy("127.0.0.1", address_of(redis)["port"]) as proxy:
+        conn = RespConnection({"host": "127.0.0.1", "port": proxy.port}, max_in_flight=5)
+        try:
+            assert await conn.call("PING") == b"PONG"
+            proxy.freeze()  # replies stop: commands pile up to the bound, then fail fast
+            waiting = [conn.submit("PING") for _ in range(5)]
+            with pytest.raises(RedisConnectionError, match="in flight"):
+                await conn.call("PING")
+            proxy.thaw()
+            assert await asyncio.gather(*waiting) == [b"PONG"] * 5
+        finally:
+            await conn.close()
