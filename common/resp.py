@@ -36,6 +36,8 @@ REPLY_TIMEOUT = 10.0
 # queueing without bound behind a Redis that has stopped answering.
 MAX_IN_FLIGHT = 50_000
 CONNECT_TIMEOUT = 5.0
+# Seconds `close` lets commands in flight finish.
+CLOSE_WAIT = 2.0
 
 
 def pack(*args: bytes | str | int | float) -> bytes:
@@ -165,11 +167,12 @@ class RespConnection:
         return done
 
     async def close(self) -> None:
-        """Let the commands in flight finish (bounded), then close the connection."""
+        """Let the commands in flight finish (at most CLOSE_WAIT s), then close the connection."""
         with contextlib.suppress(Exception):
             pending = [f for _, f in self._unsent] + list(self._waiting)
             if pending:
-                await asyncio.wait(pending, timeout=self._reply_timeout)
+                # Bounded well inside a drain: a stop must not wait out a frozen link.
+                await asyncio.wait(pending, timeout=min(self._reply_timeout, CLOSE_WAIT))
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(BaseException):
