@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from common.lifecycle import after_message, is_open
+from common.lifecycle import is_open
 
 # Seconds to wait for a pooled connection: when Postgres is down, callers get a
 # TimeoutError (UNAVAILABLE, retry) instead of waiting on the pool's reconnects.
@@ -129,12 +129,6 @@ _PARTICIPANTS_OF_MANY = (
     " ORDER BY joined_at, user_id"
 )
 SessionCursor = tuple[datetime, uuid.UUID]
-
-
-# Same order as PARTICIPANTS: joined first, then by id.
-_PARTICIPANT_ROLES = (
-    "SELECT user_id, role FROM participants WHERE session_id = $1 ORDER BY joined_at, user_id"
-)
 
 
 async def _keep_session_state(conn: asyncpg.Connection) -> None:
@@ -290,17 +284,6 @@ class Store:
             )
         return [message_from_row(r) for r in rows]
 
-    @asynccontextmanager
-    async def conversation(self, session_id: str) -> AsyncIterator[Conversation]:
-        """One transaction over a session, its row locked: the worker's unit of work."""
-        async with self.acquire() as conn, conn.transaction():
-            yield Conversation(conn, uuid.UUID(session_id))
-
-    async def insert_message(self, session_id: str, **fields: Any) -> tuple[MessageRecord, bool]:
-        """`Conversation.insert_message` in a transaction of its own (one statement)."""
-        async with self.acquire() as conn:
-            return await _insert_message(conn, uuid.UUID(session_id), **fields)
-
     async def next_message_id(self) -> int:
         value: int = await self.fetchval("SELECT nextval(pg_get_serial_sequence('messages', 'id'))")
         return value
@@ -315,89 +298,3 @@ class Store:
             client_msg_id,
         )
         return message_from_row(row) if row else None
-
-
-async def _insert_message(
-    conn: Any,
-    session_id: uuid.UUID,
-    *,
-    client_msg_id: str,
-    role: str,
-    user_id: str,
-    device_id: str | None,
-    content: str,
-    metadata: dict[str, Any] | None,
-    message_id: int | None = None,
-) -> tuple[MessageRecord, bool]:
-    """Insert once per (session, user, client id); (row, created): a retry gets the first."""
-    meta = orjson.dumps(metadata).decode() if metadata is not None else None
-    row = await conn.fetchrow(
-        "INSERT INTO messages"
-        " (id, session_id, client_msg_id, role, user_id, device_id, content, metadata)"
-        " VALUES (COALESCE($1, nextval(pg_get_serial_sequence('messages', 'id'))),"
-        " $2, $3, $4, $5, $6, $7, $8::jsonb)"
-        " ON CONFLICT (session_id, user_id, client_msg_id) DO NOTHING RETURNING *",
-        message_id,
-        session_id,
-        client_msg_id,
-        role,
-        user_id,
-        device_id,
-        content,
-        meta,
-    )
-    if row is not None:
-        return message_from_row(row), True
-    existing = await conn.fetchrow(
-        "SELECT * FROM messages WHERE session_id = $1 AND user_id = $2 AND client_msg_id = $3",
-        session_id,
-        user_id,
-        client_msg_id,
-    )
-    assert existing is not None
-    return message_from_row(existing), False
-
-
-class Conversation:
-    """Queries inside the worker's per-entry transaction."""
-
-    def __init__(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> None:
-        self._conn = conn
-        self._id = session_id
-        self._roles: dict[str, str] = {}
-
-    async def lock(self) -> SessionRecord | None:
-        """The session row, locked for this transaction, with its participants' roles."""
-        row = await self._conn.fetchrow("SELECT * FROM sessions WHERE id = $1 FOR UPDATE", self._id)
-        if row is None:
-            return None
-        members = await self._conn.fetch(_PARTICIPANT_ROLES, self._id)
-        self._roles = {r["user_id"]: r["role"] for r in members}
-        return session_from_row(row, list(self._roles))
-
-    def participant_role(self, user_id: str) -> str | None:
-        """A participant's role ('user' or 'agent'), as of `lock()`."""
-        return self._roles.get(user_id)
-
-    async def insert_message(self, **fields: Any) -> tuple[MessageRecord, bool]:
-        """Insert once per (session, user, client id); (row, created): a retry gets the first."""
-        return await _insert_message(self._conn, self._id, **fields)
-
-    async def record_activity(self, session: SessionRecord) -> SessionRecord:
-        """Extend the TTL of an open session; a pending one starts running. The row after."""
-        if not session.is_open:
-            return session  # a closed session never changes again, activity or not
-        status = after_message(session.status)
-        bump = 1 if status != session.status else 0
-        row = await self._conn.fetchrow(
-            "UPDATE sessions SET last_activity_at = now(),"
-            " expires_at = now() + ttl * interval '1 second', status = $2,"
-            " version = version + $3::int,"
-            " updated_at = CASE WHEN $3::int = 1 THEN now() ELSE updated_at END"
-            " WHERE id = $1 RETURNING *",
-            self._id,
-            status,
-            bump,
-        )
-        assert row is not None
-        return session_from_row(row, list(session.participants))

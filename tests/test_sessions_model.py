@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from common.bus import Bus, connect_redis
 from common.config import Settings
+from common.entries import ChatEntry
 from common.keys import Keys
 from common.lifecycle import SETTABLE, Refused
 from common.sessions import SessionChanges, SessionDirectory
 from common.store import Store
+from worker.writer import BatchWriter
 
 OPEN = {"pending", "running", "paused"}
 
@@ -87,19 +89,9 @@ async def system(settings: Settings) -> AsyncIterator[System]:
 
 
 async def _message(system: System, session_id: str, owner: str, n: int) -> None:
-    """What the worker does with a chat: insert, record activity, announce."""
-    async with system.store.conversation(session_id) as conv:
-        session = await conv.lock()
-        assert session is not None
-        await conv.insert_message(
-            client_msg_id=f"m{n}",
-            role="user",
-            user_id=owner,
-            device_id="d",
-            content="hi",
-            metadata=None,
-        )
-        await conv.record_activity(session)
+    """What the worker does with a chat: store it (recording activity), announce."""
+    entry = ChatEntry(session_id, f"m{n}", owner, "d", "hi", None, 0)
+    assert await BatchWriter(system.store).chat(entry) is not None
     await system.changes.announce_soon(session_id)
 
 
