@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, Protocol
 
 import hiredis
-from redis.connection import SSLConnection, parse_url
+
+from common.resp import address_from_url, auth_command, open_transport, pack
 
 log = logging.getLogger("fanout.pubsub")
 
@@ -31,14 +31,6 @@ Publisher = Callable[[bytes, bytes], Awaitable[Any]]
 def _resolve(waiter: asyncio.Future[None], _: object) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _command(*args: bytes | str) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 class ChannelSubscriber(Protocol):
@@ -89,7 +81,7 @@ class Subscriber:
         sharded: bool = False,
         probe: tuple[bytes, Publisher] | None = None,
     ) -> None:
-        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._address = address_from_url(url)
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self._ping_interval = ping_interval
@@ -161,7 +153,7 @@ class Subscriber:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._patterns[pattern] = fut
         if self._connected.is_set():
-            self._write(_command(b"PSUBSCRIBE", pattern))
+            self._write(pack(b"PSUBSCRIBE", pattern))
         await fut
 
     def _schedule_flush(self) -> None:
@@ -186,8 +178,8 @@ class Subscriber:
         """One command for all channels; sharded: one per channel (a command may not span
         slots), still written at once."""
         if self._sharded:
-            return b"".join(_command(command, channel) for channel in channels)
-        return _command(command, *channels)
+            return b"".join(pack(command, channel) for channel in channels)
+        return pack(command, *channels)
 
     def _write(self, data: bytes) -> None:
         transport = self._proto.transport if self._proto is not None else None
@@ -225,22 +217,12 @@ class Subscriber:
 
     # -- connection -----------------------------------------------------------------------
     async def _connect(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        p = self._params
         proto = _Protocol(self)
-        if "path" in p:
-            await loop.create_unix_connection(lambda: proto, p["path"])
-        else:
-            tls = (
-                ssl.create_default_context() if p.get("connection_class") is SSLConnection else None
-            )
-            await loop.create_connection(
-                lambda: proto, p.get("host", "127.0.0.1"), p.get("port", 6379), ssl=tls
-            )
-        if p.get("password"):
-            auth = [p["username"], p["password"]] if p.get("username") else [p["password"]]
+        await open_transport(self._address, proto)
+        auth = auth_command(self._address)
+        if auth is not None:
             assert proto.transport is not None
-            proto.transport.write(_command(b"AUTH", *auth))
+            proto.transport.write(auth)
         return proto
 
     async def _run(self) -> None:
@@ -298,7 +280,7 @@ class Subscriber:
                 confirmed.add_done_callback(partial(_resolve, earlier))
             self._patterns[pattern] = confirmed
             live.append(confirmed)
-            self._write(_command(b"PSUBSCRIBE", pattern))
+            self._write(pack(b"PSUBSCRIBE", pattern))
         return live
 
     async def _confirmed(self, live: list[asyncio.Future[None]], proto: _Protocol) -> bool:
@@ -357,4 +339,4 @@ class Subscriber:
                 raise
             except Exception as exc:  # the command connection is down, not necessarily ours
                 log.debug("pub/sub probe publish failed (%s); sending PING", exc)
-        self._write(_command(b"PING"))
+        self._write(pack(b"PING"))

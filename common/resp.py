@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.commands.core import AsyncScript as Script
+from redis.connection import SSLConnection as SyncSSLConnection
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -67,6 +69,39 @@ def address_of(redis: aioredis.Redis) -> dict[str, Any]:
         "username": kwargs.get("username"),
         "password": kwargs.get("password"),
     }
+
+
+def address_from_url(url: str) -> dict[str, Any]:
+    """The same description, from a redis:// rediss:// or unix:// URL."""
+    params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    return {
+        "host": params.get("host", "127.0.0.1"),
+        "port": params.get("port", 6379),
+        "path": params.get("path"),
+        "tls": params.get("connection_class") is SyncSSLConnection,
+        "db": params.get("db", 0),
+        "username": params.get("username"),
+        "password": params.get("password"),
+    }
+
+
+async def open_transport(address: dict[str, Any], protocol: asyncio.Protocol) -> None:
+    """Connect `protocol` to the address (unix socket, TCP, or TCP with TLS)."""
+    loop = asyncio.get_running_loop()
+    if address.get("path"):
+        await loop.create_unix_connection(lambda: protocol, address["path"])
+    else:
+        tls = ssl.create_default_context() if address.get("tls") else None
+        await loop.create_connection(lambda: protocol, address["host"], address["port"], ssl=tls)
+
+
+def auth_command(address: dict[str, Any]) -> bytes | None:
+    """The AUTH to send first on a new connection, if the address has a password."""
+    if not address.get("password"):
+        return None
+    if address.get("username"):
+        return pack("AUTH", address["username"], address["password"])
+    return pack("AUTH", address["password"])
 
 
 @contextlib.asynccontextmanager
@@ -217,21 +252,16 @@ class RespConnection:
             self._flush()
 
     async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
         a = self._address
         proto = _Protocol(self)
-        if a.get("path"):
-            await loop.create_unix_connection(lambda: proto, a["path"])
-        else:
-            tls = ssl.create_default_context() if a.get("tls") else None
-            await loop.create_connection(lambda: proto, a["host"], a["port"], ssl=tls)
+        await open_transport(a, proto)
         # The handshake goes first in the same stream; its replies are awaited here.
         setup: list[asyncio.Future[Any]] = []
-        if a.get("password"):
-            auth = [a["username"], a["password"]] if a.get("username") else [a["password"]]
-            setup.append(self._direct(proto, "AUTH", *auth))
+        auth = auth_command(a)
+        if auth is not None:
+            setup.append(self._direct(proto, auth))
         if a.get("db"):
-            setup.append(self._direct(proto, "SELECT", a["db"]))
+            setup.append(self._direct(proto, pack("SELECT", a["db"])))
         try:
             for reply in setup:
                 await reply
@@ -240,9 +270,9 @@ class RespConnection:
             raise
         return proto
 
-    def _direct(self, proto: _Protocol, *args: bytes | str | int) -> asyncio.Future[Any]:
+    def _direct(self, proto: _Protocol, command: bytes) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        proto.transport.write(pack(*args))
+        proto.transport.write(command)
         self._waiting.append(done)
         return done
 

@@ -9,8 +9,26 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from common.resp import RespConnection, address_of, pack
+from common.resp import RespConnection, address_from_url, address_of, auth_command, pack
 from tests.proxy import CuttableProxy
+
+
+def test_one_address_description_for_the_command_and_pub_sub_connections() -> None:
+    address = address_from_url("rediss://ops:pw@cache:6380/2")
+    assert address == {
+        "host": "cache",
+        "port": 6380,
+        "path": None,
+        "tls": True,
+        "db": 2,
+        "username": "ops",
+        "password": "pw",
+    }
+    assert address_of(aioredis.Redis.from_url("rediss://ops:pw@cache:6380/2")) == address
+    assert auth_command(address) == pack("AUTH", "ops", "pw")
+    assert auth_command(address_from_url("redis://:pw@cache")) == pack("AUTH", "pw")
+    assert auth_command(address_from_url("redis://cache")) is None
+    assert address_from_url("unix:///run/redis.sock?db=1")["path"] == "/run/redis.sock"
 
 
 def test_pack_is_resp() -> None:
