@@ -144,9 +144,7 @@ class Bus:
                 redo, await self._evalsha_all([calls[i] for i in redo]), strict=True
             ):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
+        _raise_first(replies)
         return replies
 
     async def _evalsha_all(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -170,34 +168,31 @@ class Bus:
         """Whether commands share one ordered connection (then `publish_soon` is allowed)."""
         return self._pipeliner is not None
 
-    def publish_soon(self, user_ids: Iterable[str], frame: bytes) -> Awaitable[None]:
+    def publish_soon(
+        self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
+    ) -> Awaitable[None]:
         """Send an ephemeral frame now, in order with this process's other commands;
         await the outcome later (streamed deltas: many in flight, one write)."""
         assert self._pipeliner is not None, "only on a shared connection (see `pipelined`)"
-        submit = self._pipeliner.submit
-        channels = [self.keys.user_channel(u) for u in dict.fromkeys(user_ids)]
-        return _all_of([submit(self._publish, channel, frame) for channel in channels])
+        submit, publish = self._pipeliner.submit, self._publish
+        sent = [
+            submit(publish, self.keys.user_channel(user), _skipping(frame, user, skip))
+            for user in dict.fromkeys(user_ids)
+        ]
+        return _all_of(sent)
 
     async def publish(
         self, user_ids: Iterable[str], frame: bytes, *, skip: tuple[str, str] | None = None
     ) -> None:
         """Publish an ephemeral frame (no seq) to users; `skip` = (user, device) not echoed to."""
         if self._pipeliner is not None:
-            submit = self._pipeliner.submit
-            sent = [
-                submit(self._publish, self.keys.user_channel(user), _skipping(frame, user, skip))
-                for user in dict.fromkeys(user_ids)
-            ]
-            for result in await asyncio.gather(*sent, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
+            await self.publish_soon(user_ids, frame, skip=skip)
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for user in dict.fromkeys(user_ids):
-                payload = frame
-                if skip is not None and skip[0] == user:
-                    payload = skip_device(frame, skip[1])
-                pipe.execute_command(self._publish, self.keys.user_channel(user), payload)
+                pipe.execute_command(
+                    self._publish, self.keys.user_channel(user), _skipping(frame, user, skip)
+                )
             await pipe.execute()
 
     async def current_seq(self, user_id: str) -> int:
@@ -233,7 +228,12 @@ class Bus:
 
 
 async def _all_of(sent: list[asyncio.Future[Any]]) -> None:
-    for result in await asyncio.gather(*sent, return_exceptions=True):
+    _raise_first(await asyncio.gather(*sent, return_exceptions=True))
+
+
+def _raise_first(results: list[Any]) -> None:
+    """Every command got its own reply or error; the first error is the call's."""
+    for result in results:
         if isinstance(result, BaseException):
             raise result
 
