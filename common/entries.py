@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import orjson
+
+from common.protocol import canonical_session_id
 
 
 class BadEntry(ValueError):
@@ -28,7 +30,9 @@ class ChatEntry:
     @classmethod
     def decode(cls, data: bytes) -> ChatEntry:
         try:
-            raw = orjson.loads(data)
-            return cls(**raw)
-        except (orjson.JSONDecodeError, TypeError) as exc:
+            entry = cls(**orjson.loads(data))
+            # Entries enqueued before ids were made canonical at the node may differ in case.
+            session_id = canonical_session_id(entry.session_id)
+        except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
             raise BadEntry(f"undecodable chat entry: {exc}") from None
+        return entry if session_id == entry.session_id else replace(entry, session_id=session_id)

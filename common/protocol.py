@@ -86,6 +86,12 @@ def is_valid_device_id(value: str) -> bool:
     return bool(ID_PATTERN.match(value))
 
 
+def canonical_session_id(value: str) -> str:
+    """A session id as Postgres prints it (lower case): ids are hashed to partitions and
+    used in keys, so one session must have one spelling."""
+    return str(uuid.UUID(value))
+
+
 def is_session_id(value: object) -> bool:
     if not isinstance(value, str) or len(value) != 36:
         return False
@@ -138,7 +144,7 @@ def _session(raw: dict[str, Any], default_session: str | None, frame_id: str | N
     if not is_session_id(session_id):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'session_id' must be a UUID string", frame_id)
     assert isinstance(session_id, str)
-    return session_id
+    return canonical_session_id(session_id)
 
 
 def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) -> Chat:

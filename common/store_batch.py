@@ -16,7 +16,7 @@ per (session, sender, client id), and a retry gets the row stored the first time
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -120,7 +120,6 @@ async def write_batch(
     conn: asyncpg.Connection, chats: list[ChatEntry], replies: list[ReplyWrite]
 ) -> tuple[list[ChatWritten | None], list[MessageRecord]]:
     """Store chats and replies in one transaction; a chat whose session is gone gets None."""
-    chats = [_canonical(c) for c in chats]
     if not chats:
         # Replies alone are one INSERT: atomic by itself, no BEGIN/COMMIT round trips.
         stored, _ = await _insert(conn, [_reply_row(r) for r in replies])
@@ -145,12 +144,6 @@ async def write_batch(
         written.append(ChatWritten(before, session, stored[row.key], fresh, role, reply_id))
     answered = [stored[(r.session_id, r.user_id, r.client_msg_id)] for r in replies]
     return written, answered
-
-
-def _canonical(chat: ChatEntry) -> ChatEntry:
-    """The entry with its session id as Postgres prints it (a client may send upper case)."""
-    session_id = str(uuid.UUID(chat.session_id))
-    return chat if session_id == chat.session_id else replace(chat, session_id=session_id)
 
 
 async def _lock(conn: asyncpg.Connection, chats: list[ChatEntry]) -> tuple[Locked, list[int]]:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from common.auth import Identity
 from common.lifecycle import SETTABLE, STATUSES, Refused
-from common.protocol import MAX_USER_ID, has_nul, is_session_id
+from common.protocol import MAX_USER_ID, canonical_session_id, has_nul, is_session_id
 from common.sessions import SessionChanges
 from common.store import SessionCursor, SessionRecord
 from node.api import ApiError, _authenticate, _body, _json
@@ -102,7 +102,7 @@ def _session_id(request: web.Request) -> str:
     session_id = request.match_info["session_id"]
     if not is_session_id(session_id):
         raise _bad("the session id must be a UUID")
-    return session_id
+    return canonical_session_id(session_id)
 
 
 async def _visible(state: NodeState, identity: Identity, session_id: str) -> SessionRecord:

@@ -15,6 +15,7 @@ from common.protocol import (
     CloseCode,
     ErrorCode,
     ProtocolError,
+    canonical_session_id,
     encode,
     error_frame,
     is_session_id,
@@ -139,6 +140,8 @@ async def _admit(
     session_id = request.query.get("session_id")
     if session_id is not None and not is_session_id(session_id):
         return refuse(400, "BAD_REQUEST", "session_id must be a UUID")
+    if session_id is not None:
+        session_id = canonical_session_id(session_id)
     last_seq_raw = request.query.get("last_seq")
     last_seq = None
     if last_seq_raw is not None:

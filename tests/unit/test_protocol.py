@@ -85,6 +85,13 @@ def test_invalid_frames(frame: dict, code: ErrorCode) -> None:  # type: ignore[t
     assert caught.value.code is code
 
 
+def test_session_ids_are_canonical_whatever_the_case() -> None:
+    # One session, one spelling: its id picks the partition and names its keys.
+    upper = parse({"type": "chat", "id": "a", "session_id": SID.upper(), "content": "x"})
+    assert upper == Chat("a", SID, "x", None)
+    assert parse({"type": "typing", "is_typing": True}, default=SID.upper()) == Typing(SID, True)
+
+
 def test_deeply_nested_metadata_is_checked_without_recursion() -> None:
     # orjson parses nesting deeper than Python's recursion limit; the NUL check copes.
     depth = 1000
