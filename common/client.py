@@ -9,6 +9,7 @@ a correct cluster never produces (it is counted, so checkers can assert on it).
 A receiver of many frames (the load generator) can take logged frames raw with
 `on_logged(seq, text)`: the seq is read from the fixed ``{"seq":N,`` prefix the
 delivery script writes, and the frame is not JSON-parsed at all (see common/bus.py).
+Frames are handled as common/wsclient.py parses them, without a task wake-up each.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
+
+from common import wsclient
 
 log = logging.getLogger("fanout.client")
 
@@ -63,12 +65,10 @@ class FanoutClient:
         backoff: tuple[float, float] = (0.05, 2.0),
         on_logged: LoggedHandler | None = None,
         on_stale: StaleHandler | None = None,
-        http: aiohttp.ClientSession | None = None,
         first_url: int | None = None,
     ) -> None:
         """`on_logged` takes logged frames raw instead of `on_frame` (see the module doc);
-        `http` is a session shared with other clients (not closed here); `first_url` is
-        the index in `urls` to try first (default: a random one)."""
+        `first_url` is the index in `urls` to try first (default: a random one)."""
         self._urls = urls
         self._token = token if callable(token) else (lambda: token)
         self.device_id = device_id
@@ -81,28 +81,21 @@ class FanoutClient:
         self._next_url = random.randrange(len(urls)) if first_url is None else first_url
         self.stats = ClientStats()
         self.node_id: str | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: wsclient.WebSocket | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._http = http
-        self._own_http = http is None
         self.fatal: str | None = None
 
     async def __aenter__(self) -> FanoutClient:
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
         self._task = asyncio.create_task(self._run(), name=f"client-{self.device_id}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # Cancelling the task closes its connection with a close handshake (`_session`).
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._ws is not None:
-            await self._ws.close()
-        if self._http is not None and self._own_http:
-            await self._http.close()
 
     async def wait_connected(self, within: float = 10) -> None:
         """Wait for a live connection: TimeoutError after `within` s, ConnectionError if refused."""
@@ -125,15 +118,14 @@ class FanoutClient:
     async def send(self, frame: dict[str, Any]) -> None:
         """Send on the current connection (waits for one)."""
         await self.wait_connected(30)
-        assert self._ws is not None
-        await self._ws.send_bytes(orjson.dumps(frame))
+        if self._ws is None:
+            raise ConnectionError(f"{self.device_id}: the connection just dropped")
+        self._ws.send_text(orjson.dumps(frame))
 
     def drop(self) -> None:
         """Cut the connection abruptly (tests: a network failure)."""
-        if self._ws is not None and self._ws._conn is not None:
-            transport = self._ws._conn.transport
-            if transport is not None:
-                transport.abort()
+        if self._ws is not None:
+            self._ws.abort()
 
     async def _run(self) -> None:
         delay = self._backoff[0]
@@ -145,14 +137,14 @@ class FanoutClient:
                 delay = self._backoff[0]
             except asyncio.CancelledError:
                 raise
-            except aiohttp.WSServerHandshakeError as exc:
+            except wsclient.HandshakeError as exc:
                 if exc.status in (400, 401, 403):
                     self.fatal = f"refused {exc.status}"
                     log.error(
                         "%s: connection refused with %d; giving up", self.device_id, exc.status
                     )
                     return
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
                 self.stats.failed_attempts += 1
                 log.debug("%s: %s: %r", self.device_id, url, exc)
             self._connected.clear()
@@ -162,38 +154,36 @@ class FanoutClient:
             delay = min(delay * 2, self._backoff[1])
 
     async def _session(self, url: str) -> None:
-        assert self._http is not None
         params = {"device_id": self.device_id}
         if self.last_seq is not None:
             params["last_seq"] = str(self.last_seq)
         if self._session_id is not None:
             params["session_id"] = self._session_id
-        ws = await self._http.ws_connect(
+        ws = await wsclient.connect(
             url,
+            self._on_text,
             params=params,
             headers={"Authorization": f"Bearer {self._token()}"},
-            heartbeat=None,
-            timeout=aiohttp.ClientWSTimeout(ws_close=5),
         )
         self._ws = ws
         self.stats.connects += 1
-        lean = self._on_logged
         try:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
-                data = msg.data
-                if lean is not None and data.startswith(SEQ_PREFIX):
-                    seq = int(data[_SEQ_AT : data.index(",", _SEQ_AT)])
-                    if self._accept(seq):
-                        lean(seq, data)
-                    continue
-                self._receive(orjson.loads(data))
+            await ws.wait_closed()
         finally:
-            if ws.close_code is not None:
-                self.stats.closes.append(ws.close_code)
+            # Cancelled (the client is leaving): close with a handshake, bounded in time.
+            code = await ws.close()
+            self.stats.closes.append(code)
             self._connected.clear()
             self._ws = None
+
+    def _on_text(self, data: str) -> None:
+        lean = self._on_logged
+        if lean is not None and data.startswith(SEQ_PREFIX):
+            seq = int(data[_SEQ_AT : data.index(",", _SEQ_AT)])
+            if self._accept(seq):
+                lean(seq, data)
+            return
+        self._receive(orjson.loads(data))
 
     def _receive(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")

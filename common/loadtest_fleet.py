@@ -193,7 +193,6 @@ class Fleet:
                     cfg.urls,
                     self.tokens[user],
                     f"d{k % cfg.devices}",
-                    http=self.http,
                     first_url=k % len(cfg.urls),
                     **{
                         "on_frame": device.on_frame,
