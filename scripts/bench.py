@@ -29,6 +29,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--chat-rate", type=float, default=None, help="chats/s (default 1000)")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default 660)")
     parser.add_argument("--only", default=None, help="run specs whose name contains this")
+    parser.add_argument(
+        "--kinds", default="max,rate,idle,chat", help="scenario kinds to run (comma-separated)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="raw reports (JSON)")
     args = parser.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
@@ -69,7 +73,15 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, FD_LIMIT)), hard))
 
-    specs = [s for s in plan(args) if args.only is None or args.only in s.name]
+    kinds = set(args.kinds.split(","))
+    if not kinds <= {"max", "rate", "idle", "chat"}:
+        parser.error("--kinds takes max, rate, idle and chat")
+    specs = [
+        replace(s, scenarios=tuple(c for c in s.scenarios if c.kind in kinds))
+        for s in plan(args)
+        if args.only is None or args.only in s.name
+    ]
+    specs = [s for s in specs if s.scenarios]
     run_id = secrets.token_hex(4)
     data = ROOT / ".fanout-data" / "bench"
     started = time.monotonic()
