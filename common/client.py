@@ -144,6 +144,7 @@ class FanoutClient:
                         "%s: connection refused with %d; giving up", self.device_id, exc.status
                     )
                     return
+                self.stats.failed_attempts += 1  # 429 (device limit) or 503: try again
             except (OSError, TimeoutError) as exc:
                 self.stats.failed_attempts += 1
                 log.debug("%s: %s: %r", self.device_id, url, exc)

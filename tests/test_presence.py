@@ -4,17 +4,25 @@ lets the others lapse, and never brings a released device back."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from common.keys import Keys
+from common.resp import RespConnection, address_of
 from node.presence import RENEW_CHUNK, DeviceRegistry
 
 LEASE = 10.0
 
 
-def registry(redis: aioredis.Redis, namespace: str, *, cluster: bool) -> DeviceRegistry:
+def registry(
+    redis: aioredis.Redis,
+    namespace: str,
+    *,
+    cluster: bool,
+    commands: RespConnection | None = None,
+) -> DeviceRegistry:
     return DeviceRegistry(
         redis,
         Keys(namespace),
@@ -22,19 +30,35 @@ def registry(redis: aioredis.Redis, namespace: str, *, cluster: bool) -> DeviceR
         lease_ttl=LEASE,
         max_devices=5,
         cluster=cluster,
+        commands=commands,
     )
+
+
+# The forms a node uses: the script through redis-py, the script on the node's shared
+# pipelined connection, and per-device commands (Redis Cluster; runs on a plain Redis).
+FORMS = ["script", "shared", "per-device"]
+
+
+@pytest.fixture(params=FORMS)
+async def devices(
+    request: pytest.FixtureRequest, redis: aioredis.Redis, namespace: str
+) -> AsyncIterator[DeviceRegistry]:
+    form = request.param
+    commands = RespConnection(address_of(redis)) if form == "shared" else None
+    try:
+        yield registry(redis, namespace, cluster=form == "per-device", commands=commands)
+    finally:
+        if commands is not None:
+            await commands.close()
 
 
 async def lease_ends(redis: aioredis.Redis, keys: Keys, user: str, device: str) -> float | None:
     return await redis.zscore(keys.devices(user), device)
 
 
-# cluster=True is the per-device form a Redis Cluster needs; it runs on a plain Redis too.
-@pytest.mark.parametrize("cluster", [False, True], ids=["script", "per-device"])
 async def test_refresh_renews_every_held_device_across_chunks(
-    redis: aioredis.Redis, namespace: str, cluster: bool
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
 ) -> None:
-    devices = registry(redis, namespace, cluster=cluster)
     keys = Keys(namespace)
     # More devices than two chunks hold, two per user, as a node holds them.
     held = [(f"u{i // 2}", f"d{i % 2}") for i in range(2 * RENEW_CHUNK + 31)]
@@ -56,11 +80,9 @@ async def test_refresh_renews_every_held_device_across_chunks(
     assert {d["device_id"] for d in await devices.online("u0")} == {"d0", "d1"}
 
 
-@pytest.mark.parametrize("cluster", [False, True], ids=["script", "per-device"])
 async def test_refresh_leaves_other_nodes_devices_to_lapse_and_released_ones_gone(
-    redis: aioredis.Redis, namespace: str, cluster: bool
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
 ) -> None:
-    devices = registry(redis, namespace, cluster=cluster)
     keys = Keys(namespace)
     assert await devices.claim("ann", "phone", "c1") == 1
     assert await devices.claim("ann", "laptop", "c2") == 1
