@@ -228,5 +228,14 @@ async def migrate(url: str) -> list[int]:
     return applied
 
 
+async def missing_migrations(conn: asyncpg.Connection) -> list[int]:
+    """The migrations this database lacks: a process started on an old schema stops at once
+    (the worker's batch function is in migration 3) instead of failing every entry."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return [version for version, _ in MIGRATIONS]
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [version for version, _ in MIGRATIONS if version not in done]
+
+
 def migrate_sync(url: str) -> list[int]:
     return asyncio.run(migrate(url))

@@ -17,7 +17,7 @@ from common.embedded import Services
 from common.entries import ChatEntry
 from common.store import Store
 from common.store_batch import write_batch
-from tests.harness import ROOT
+from tests.harness import ROOT, Cluster
 
 LATEST = [version for version, _ in schema.MIGRATIONS]
 
@@ -90,3 +90,16 @@ async def test_several_processes_migrating_at_once_agree(fresh_url: str) -> None
     applied = sorted(v for out, _ in outputs for v in json.loads(out))
     assert applied == LATEST, "each migration applied by exactly one of them"
     assert await applied_versions(fresh_url) == LATEST
+
+
+async def test_a_worker_on_an_old_schema_stops_with_one_line(
+    fresh_url: str, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as old:
+        old.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+        await schema.migrate(fresh_url)
+    worker = await cluster.worker(ready=False, FANOUT_DATABASE_URL=fresh_url)
+    code = await asyncio.to_thread(worker.popen.wait, 30)
+    assert code == 2
+    assert "lacks migration 3: run `fanout migrate` first" in worker.log()
+    assert "Traceback" not in worker.log()
