@@ -91,7 +91,12 @@ MIGRATIONS: list[tuple[int, str]] = [
             OUT message_ids bigint[], OUT sessions_locked sessions[],
             OUT sessions_touched sessions[], OUT session_members participants[],
             OUT inserted messages[], OUT existing messages[])
-        LANGUAGE plpgsql AS $fn$
+        LANGUAGE plpgsql
+        -- Custom plans were made again on every call (the generic ones look costlier to
+        -- the planner over arrays of unknown length), which doubled Postgres's CPU per
+        -- batch; the generic plans are index lookups by key, right for any batch size.
+        SET plan_cache_mode = force_generic_plan
+        AS $fn$
         DECLARE
             locked_ids uuid[];
         BEGIN

@@ -48,6 +48,15 @@ async def test_a_fresh_database_gets_every_migration_once(fresh_url: str) -> Non
     assert await schema.migrate(fresh_url) == LATEST
     assert await schema.migrate(fresh_url) == [], "idempotent"
     assert await applied_versions(fresh_url) == LATEST
+    conn = await asyncpg.connect(fresh_url)
+    try:
+        config = await conn.fetchval(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'fanout_write_batch_v1'"
+        )
+    finally:
+        await conn.close()
+    # Without it Postgres re-plans the function's statements on every call.
+    assert config == ["plan_cache_mode=force_generic_plan"]
 
 
 async def test_an_old_database_is_upgraded_and_keeps_its_messages(
