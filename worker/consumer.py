@@ -5,7 +5,9 @@ Entries stream through: each is chained behind the previous entry of its convers
 reader keeps reading as long as fewer than MAX_INFLIGHT entries are in hand — a slow
 conversation does not hold up the others. An entry is acknowledged only after its
 Postgres commit. When a backing service is down the entry is retried in place (not
-counted as a failure); any other failure leaves it and the rest of its conversation
+counted as a failure), and so are the consumer's own stream commands: it keeps its
+partition and what it has in hand through a Redis outage (worker/outage.py); any
+other failure leaves it and the rest of its conversation
 pending: the reader then lets everything in hand finish and re-reads its pending
 entries in order, and after `max_attempts` deliveries an entry goes to the
 dead-letter stream.
@@ -27,6 +29,7 @@ from common.entries import BadEntry, ChatEntry
 from common.errors import SERVICE_DOWN
 from common.keys import CONSUMER_GROUP, Keys
 from common.resp import RespConnection, address_of
+from worker.outage import Backoff, OutageLog
 from worker.processor import ChatProcessor
 
 log = logging.getLogger("fanout.worker")
@@ -77,32 +80,61 @@ class PartitionConsumer:
         self._tails: dict[str, asyncio.Task[bool]] = {}
         self._acks: list[bytes] = []
         self._stream_failed = False
+        self._stream_outage = OutageLog(partition, "stream")
+        self._entry_outage = OutageLog(partition, "entries")
 
     def stop(self) -> None:
         """Finish the batch in hand, then return (graceful release)."""
         self._stopping = True
 
     async def run(self) -> None:
-        await self._ensure_group()
-        await self._adopt_orphans()
+        """Consume until stopped; a Redis or Postgres outage is waited out in place."""
+        started = False
         retry_pending = True  # our own PEL may hold entries from before a restart
+        backoff = Backoff()
         try:
             while not self._stopping:
-                if retry_pending:
-                    retry_pending = await self._retry_pending()
-                    continue
-                await self._make_room()
-                for entry_id, fields in await self._read(">", block=READ_BLOCK_MS):
-                    await self._dispatch(entry_id, fields)
-                await self._flush_acks()
-                retry_pending = self._stream_failed
+                try:
+                    if not started:
+                        await self._ensure_group()
+                        await self._adopt_orphans()
+                        started = True
+                    elif retry_pending:
+                        retry_pending = await self._retry_pending()
+                    else:
+                        retry_pending = await self._read_new()
+                except SERVICE_DOWN as exc:
+                    # A read whose reply was lost left entries in our PEL that were never
+                    # dispatched: once Redis answers, re-read the PEL first.
+                    retry_pending = True
+                    self._on_health(False)
+                    delay = backoff.next()
+                    self._stream_outage.failed(exc, delay)
+                    await asyncio.sleep(delay)
+                else:
+                    if self._stream_outage.ongoing:
+                        self._stream_outage.recovered()
+                        self._on_health(True)
+                        backoff.reset()
             await self._settle()
+        except SERVICE_DOWN as exc:
+            # Stopping during an outage: what is unacknowledged stays pending for the next
+            # owner (processing is idempotent), which is no crash.
+            log.warning("partition %d: stopped with acks unsent (%r)", self.partition, exc)
         finally:
             for task in self._inflight:  # cancelled (lease lost): the entries stay pending
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
             if self._reader is not None:
                 await self._reader.close()
+
+    async def _read_new(self) -> bool:
+        """Read and dispatch new entries; True if our pending entries must be re-read."""
+        await self._make_room()
+        for entry_id, fields in await self._read(">", block=READ_BLOCK_MS):
+            await self._dispatch(entry_id, fields)
+        await self._flush_acks()
+        return self._stream_failed
 
     async def _retry_pending(self) -> bool:
         """Re-process our pending entries in order; True if some are still failing."""
@@ -155,6 +187,8 @@ class PartitionConsumer:
                 await self._with_retry(entry)
         except asyncio.CancelledError:
             raise
+        except SERVICE_DOWN:
+            return False  # stopping during an outage: pending for the next owner, no failure
         except Exception as exc:
             try:
                 dead = await self._failed(entry_id, entry, exc)
@@ -171,11 +205,16 @@ class PartitionConsumer:
     async def _flush_acks(self) -> None:
         if self._acks:
             done, self._acks = self._acks, []
-            if self._commands is not None:
-                # In the write the worker's deliveries go out in: no round trip of its own.
-                await self._commands.call("XACK", self._stream, CONSUMER_GROUP, *done)
-            else:
-                await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
+            try:
+                if self._commands is not None:
+                    # In the write the worker's deliveries go out in: no round trip of its own.
+                    await self._commands.call("XACK", self._stream, CONSUMER_GROUP, *done)
+                else:
+                    await self._redis.xack(self._stream, CONSUMER_GROUP, *done)
+            except BaseException:
+                # Sent again once Redis answers (an XACK that did arrive twice is harmless).
+                self._acks = done + self._acks
+                raise
             await self._trim()
 
     async def _ensure_group(self) -> None:
@@ -283,6 +322,8 @@ class PartitionConsumer:
                     await self._with_retry(entry)
                 except asyncio.CancelledError:
                     raise
+                except SERVICE_DOWN:
+                    return acked, False  # stopping during an outage: no failure
                 except Exception as exc:
                     if not await self._failed(entry_id, entry, exc):
                         return acked, False  # the rest of this conversation waits
@@ -290,24 +331,21 @@ class PartitionConsumer:
         return acked, True
 
     async def _with_retry(self, entry: ChatEntry) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while True:
             try:
                 await self._processor.handle(entry)
                 self._on_health(True)
+                if self._entry_outage.ongoing:
+                    self._entry_outage.recovered()
                 return
             except SERVICE_DOWN as exc:
                 if self._stopping:
                     raise
                 self._on_health(False)
-                log.warning(
-                    "partition %d: backing service unavailable (%s); retrying in %.1fs",
-                    self.partition,
-                    type(exc).__name__,
-                    delay,
-                )
+                delay = backoff.next()
+                self._entry_outage.failed(exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _failed(self, entry_id: bytes, entry: ChatEntry, exc: Exception) -> bool:
         """Record a failure; True if the entry was dead-lettered (its conversation goes on)."""

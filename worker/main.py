@@ -11,11 +11,12 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.bus import Bus, connect_redis
-from common.config import Settings
+from common.config import ConfigError, Settings
 from common.gcpause import freeze_startup_objects
 from common.keys import Keys
 from common.resp import RespConnection, command_connection
 from common.runtime import run, setup_logging, stop_event
+from common.schema import missing_migrations
 from common.sessions import SessionChanges, SessionDirectory
 from common.store import Store
 from worker.assistant import EchoAssistant, ReplyGenerator
@@ -181,6 +182,13 @@ async def serve(settings: Settings) -> None:
             Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
             command_connection(redis, cluster=settings.redis_cluster) as commands,
         ):
+            async with store.acquire() as conn:
+                missing = await missing_migrations(conn)
+            if missing:
+                raise ConfigError(
+                    f"the database lacks migration {', '.join(map(str, missing))}:"
+                    " run `fanout migrate` first"
+                )
             worker = Worker(settings, redis, store, commands=commands)
             stats = WorkerStats(worker, redis)
             stop = stop_event()
