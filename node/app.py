@@ -27,11 +27,13 @@ from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
 from node.stats import NodeStats
 from node.subscriber import open_subscriber
-from node.ws import websocket
+from node.ws import depart_all, websocket
 
 log = logging.getLogger("fanout.node")
 
 DRAIN_POLL = 0.05
+# Seconds the cleanup waits for departing sockets' releases before Redis closes.
+DEPART_WITHIN = 2.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -104,6 +106,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                         refresher.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await refresher
+                        await depart_all(state, DEPART_WITHIN)
                         await hub.close()
         finally:
             await redis.aclose()

@@ -1,11 +1,15 @@
-"""GET /ws: authenticate before the upgrade, then one receive loop per socket (SPEC §4)."""
+"""GET /ws: authenticate before the upgrade, then the socket's frames by callback (SPEC §4)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
 import uuid
+from collections import deque
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -22,10 +26,11 @@ from common.protocol import (
     is_valid_device_id,
     parse_client_frame,
 )
-from node.connection import DIRECT_WRITES, Connection, RateLimiter
+from node.connection import Connection, RateLimiter
 from node.metrics import frame_kind
 from node.router import route
 from node.state import STATE, NodeState
+from node.wire import Wire, close_code_of
 
 log = logging.getLogger("fanout.node")
 
@@ -50,8 +55,18 @@ class _Refusals:
 
 _refusals = _Refusals()
 
-# What `async for msg in ws` stops at.
-_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+_TEXT, _BINARY, _PING, _PONG, _CLOSE = (
+    WSMsgType.TEXT,
+    WSMsgType.BINARY,
+    WSMsgType.PING,
+    int(WSMsgType.PONG),
+    WSMsgType.CLOSE,
+)
+
+# Client frames waiting for the one before them to be handled (a chat waits for its
+# enqueue). Past this the socket is not read until half of them are done: the peer's
+# TCP window holds the rest. The rate limit drops frames before they get here.
+INBOX_PAUSE = 32
 
 
 def refuse(status: int, code: str, message: str) -> web.Response:
@@ -72,53 +87,184 @@ def origin_allowed(state: NodeState, request: web.Request) -> bool:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """A socket's life: admitted, upgraded, joined, read until it closes, released."""
+    """Admit, upgrade, hand the socket to a ClientWire, welcome it; the request ends there."""
     state = request.app[STATE]
     admitted = await _admit(state, request)
     if isinstance(admitted, web.Response):
         return admitted
-    conn, came_online, last_seq = admitted
-    metrics, hub = state.metrics, state.hub
+    conn, came_online, last_seq, ws = admitted
     try:
-        await conn.ws.prepare(request)
-        metrics.connections_total.inc()
-        metrics.connections_active.inc()
-        hub.expiry.watch(conn)
-        try:
-            if await _join(state, conn, came_online, last_seq):
-                if DIRECT_WRITES:  # from now on the loop below reads the pongs
-                    hub.heartbeat.watch(conn, state.settings.heartbeat)
-                # Read here rather than in a coroutine of its own: a node holds
-                # thousands of sockets, and each coroutine held costs ~0.3 KiB.
-                limiter: RateLimiter | None = None  # made at the first client frame
-                while not conn.closing:
-                    msg = await conn.ws.receive()
-                    if msg.type in _CLOSED:
-                        break
-                    conn.heard()
-                    if msg.type == WSMsgType.PING:
-                        await conn.ws.pong(msg.data)
-                    elif msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
-                        if limiter is None:
-                            limiter = RateLimiter(state.settings.rate, state.settings.rate_burst)
-                        if _within_rate(state, conn, limiter):
-                            await _handle(state, conn, msg.data)
-        finally:
-            metrics.connections_active.dec()
-            hub.expiry.forget(conn)
-            hub.heartbeat.forget(conn)
-    finally:
-        hub.leave(conn)
-        await conn.stop()
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost during the upgrade")
+    except BaseException:
         await _release(state, conn)
-    return conn.ws
+        raise
+    wire = ClientWire(state, conn, transport)
+    wire.take_over(request)
+    conn.attach(wire)
+    state.metrics.connections_total.inc()
+    state.metrics.connections_active.inc()
+    state.hub.expiry.watch(conn)
+    joined = False
+    try:
+        joined = await _join(state, conn, came_online, last_seq)
+    finally:
+        wire.settle(joined)
+    # Nothing is written: the transport is the wire's now (see ClientWire.take_over).
+    return web.Response()
+
+
+class ClientWire(Wire):
+    """One client's socket after the upgrade: its frames handled in order, its departure.
+
+    Frames arrive by callback; those that need awaiting (a chat) are handled by a
+    task made only while some wait, so an idle socket holds no coroutine at all.
+    """
+
+    __slots__ = ("_conn", "_inbox", "_limiter", "_paused", "_settled", "_state", "_worker")
+
+    def __init__(self, state: NodeState, conn: Connection, transport: asyncio.Transport) -> None:
+        super().__init__(transport, max_msg_size=state.settings.max_frame)
+        self._state = state
+        self._conn = conn
+        self._limiter: RateLimiter | None = None  # made at the first client frame
+        self._inbox: deque[str | bytes] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = False
+        # Set once the join is over: from then on a lost socket departs by itself.
+        self._settled = False
+
+    def settle(self, joined: bool) -> None:
+        """The join is over: read frames from now on (or close, if it failed)."""
+        self._settled = True
+        conn = self._conn
+        if self.is_lost:
+            _start_departure(self._state, self)
+        elif not joined:
+            conn.close(CloseCode.INTERNAL, "could not join")  # no-op if closing
+        else:
+            self._state.hub.heartbeat.watch(conn, self._state.settings.heartbeat)
+            if self._inbox:
+                self._start_worker()
+
+    # -- frames in --------------------------------------------------------------------------
+    def received(self, msg: Any) -> None:
+        conn = self._conn
+        conn.heard()
+        kind = msg[0]
+        if kind in (_TEXT, _BINARY):
+            if conn.closing:
+                return
+            if self._limiter is None:
+                settings = self._state.settings
+                self._limiter = RateLimiter(settings.rate, settings.rate_burst)
+            if _within_rate(self._state, conn, self._limiter):
+                self._queue(msg[1])
+        elif kind == _PING:
+            if not conn.closing:
+                self.write(_PONG, msg[1])
+        elif kind == _CLOSE:
+            self.peer_closed()  # the answer to our close frame, if we sent one
+            conn.closed_by_peer()
+
+    def failed(self, exc: BaseException) -> None:
+        # The reader parses nothing after an error, the peer's close frame included:
+        # close without waiting for it.
+        self.peer_closed()
+        code = close_code_of(exc)
+        self._conn.close(code, "frame too big" if code == CloseCode.TOO_BIG else "bad frame")
+
+    def _queue(self, data: str | bytes) -> None:
+        if self._inbox is None:
+            self._inbox = deque()
+        self._inbox.append(data)
+        if len(self._inbox) >= INBOX_PAUSE and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        if self._worker is None and self._settled:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = asyncio.create_task(self._work(), name=f"frames-{self._conn.conn_id}")
+
+    async def _work(self) -> None:
+        """Handle the waiting frames in order, then go (the next frame starts a new task)."""
+        inbox, conn = self._inbox, self._conn
+        assert inbox is not None
+        while inbox and not conn.closing:
+            data = inbox.popleft()
+            if self._paused and len(inbox) <= INBOX_PAUSE // 2:
+                self._paused = False
+                if not self.transport.is_closing():
+                    self.transport.resume_reading()
+            await _handle(self._state, conn, data)
+        # Nothing awaited since the inbox was seen empty (or the socket is closing, and
+        # what is left is dropped): the next frame finds no inbox and no task.
+        self._inbox = self._worker = None
+
+    # -- departure ----------------------------------------------------------------------------
+    def lost(self) -> None:
+        if self._settled:
+            _start_departure(self._state, self)
+        # else: the join still runs, and settle() starts the departure when it ends.
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    async def stop(self) -> None:
+        """Cancel and await the frame task, if one runs."""
+        task = self._worker
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _start_departure(state: NodeState, wire: ClientWire) -> None:
+    """The socket is gone: out of the node's books now, out of the cluster's soon.
+
+    The task is the node's (NodeState.departing): the app's cleanup waits for it.
+    """
+    conn = wire.connection
+    state.metrics.connections_active.dec()
+    state.hub.expiry.forget(conn)
+    state.hub.heartbeat.forget(conn)
+    state.hub.leave(conn)
+    task = asyncio.create_task(_depart(state, wire), name=f"depart-{conn.conn_id}")
+    state.departing.add(task)
+    task.add_done_callback(state.departing.discard)
+
+
+async def _depart(state: NodeState, wire: ClientWire) -> None:
+    await wire.stop()
+    await wire.connection.stop()
+    await _release(state, wire.connection)
+
+
+async def depart_all(state: NodeState, within: float) -> None:
+    """Node cleanup: cut the sockets still open, wait up to `within` for their departures
+    (device release, offline presence) while Redis is still there; cancel what is left."""
+    for conn in list(state.hub.connections()):
+        conn.cut()
+    await asyncio.sleep(0)  # the transports report connection_lost: departures start
+    if state.departing:
+        await asyncio.wait(set(state.departing), timeout=within)
+    left = list(state.departing)
+    for task in left:
+        task.cancel()
+    for task in left:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _admit(
     state: NodeState, request: web.Request
-) -> web.Response | tuple[Connection, bool, int | None]:
+) -> web.Response | tuple[Connection, bool, int | None, web.WebSocketResponse]:
     """Checks before the upgrade: a refusal, or the connection, whether the user just
-    came online, and the `last_seq` to resume from.
+    came online, the `last_seq` to resume from and the response that does the upgrade.
 
     What it needs only to decide (the token's claims, the query) goes with it, not held
     for the life of the socket.
@@ -158,17 +304,10 @@ async def _admit(
         metrics.refused_total.labels("429").inc()
         return refuse(429, "TOO_MANY_DEVICES", "the user has the maximum devices connected")
 
-    # The node runs the heartbeat itself (node.timers.Heartbeat, one timer for all
-    # sockets), so it answers pings too; aiohttp's costs a timer per socket.
-    ws = web.WebSocketResponse(
-        heartbeat=None if DIRECT_WRITES else state.settings.heartbeat,
-        autoping=not DIRECT_WRITES,
-        max_msg_size=state.settings.max_frame,
-        compress=False,
-    )
+    # Only the handshake is aiohttp's (no permessage-deflate: a compressor per socket);
+    # the node runs the heartbeat itself (node.timers.Heartbeat, one timer for all).
+    ws = web.WebSocketResponse(heartbeat=None, compress=False)
     conn = Connection(
-        ws,
-        request.transport,
         conn_id=conn_id,
         user_id=identity.user_id,
         device_id=device_id,
@@ -177,14 +316,13 @@ async def _admit(
         expires_at=identity.expires_at,
         hooks=state.connection_hooks,
     )
-    return conn, claim == 1, last_seq
+    return conn, claim == 1, last_seq, ws
 
 
 async def _join(
     state: NodeState, conn: Connection, came_online: bool, last_seq: int | None
 ) -> bool:
     """Welcome (and resume) the connection and add it to its user; False if it was closed."""
-    conn.start()
     try:
         await state.hub.join(conn, functools.partial(_welcome, state, conn), last_seq)
     except SERVICE_DOWN:
