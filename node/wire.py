@@ -117,7 +117,9 @@ class Wire(asyncio.Protocol):
         The handler must let go of the transport without closing it (its transport
         attribute cleared first, so its `connection_lost` does not close it); from then
         on aiohttp's request ends as if the client had left, and the handler's return
-        value is not written anywhere (there is no transport to write it to).
+        value is not written anywhere (there is no transport to write it to). The
+        handler's task goes on (the node's runner keeps aiohttp's default
+        `handler_cancellation=False`), so the code after this still runs.
         """
         handler = request.protocol
         handler.transport = None
@@ -129,11 +131,11 @@ class Wire(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         dispatch = _shared_dispatch()
-        dispatch.current = self
+        outer, dispatch.current = dispatch.current, self
         try:
             self._reader.feed_data(data)
         finally:
-            dispatch.current = None
+            dispatch.current = outer
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: a WebSocket has no half-closed state
