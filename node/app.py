@@ -132,6 +132,11 @@ async def _refresh_devices(state: NodeState) -> None:
             raise
         except Exception as exc:
             log.warning("device lease refresh failed: %s", exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A client library swallowed our cancellation (redis-py was seen to, in a
+            # script call): stop anyway, or the node's stop waits here forever.
+            raise asyncio.CancelledError
         await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
 
