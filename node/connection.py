@@ -290,6 +290,16 @@ class Connection:
             self._wire.write_close(1000, "")
             self._wire.transport.close()
 
+    def end(self) -> None:
+        """The node stops: a close frame unless one went out, then the transport closes
+        once what was written is sent (the peer reads its 1001, then the end)."""
+        if not self._closing:
+            self._stop_writing()
+            if self._wire is not None:
+                self._wire.write_close(CloseCode.GOING_AWAY, "node shutting down")
+        if self._wire is not None:
+            self._wire.transport.close()
+
     def _stop_writing(self) -> None:
         """Closing: what still waits is dropped (counted), a paced replay released."""
         self._closing = True

@@ -67,6 +67,7 @@ _TEXT, _BINARY, _PING, _PONG, _CLOSE = (
 # enqueue). Past this the socket is not read until half of them are done: the peer's
 # TCP window holds the rest. The rate limit drops frames before they get here.
 INBOX_PAUSE = 32
+DEPART_POLL = 0.05
 
 
 def refuse(status: int, code: str, message: str) -> web.Response:
@@ -245,13 +246,27 @@ async def _depart(state: NodeState, wire: ClientWire) -> None:
 
 
 async def depart_all(state: NodeState, within: float) -> None:
-    """Node cleanup: cut the sockets still open, wait up to `within` for their departures
-    (device release, offline presence) while Redis is still there; cancel what is left."""
+    """Node cleanup: end the sockets still open, wait up to `within` for their departures
+    (device release, offline presence) while Redis is still there; cut and cancel the rest.
+
+    Ended, not cut: a socket whose peer has not answered our close yet (it may simply
+    not have read it yet) still gets its 1001 before the end; an abort would reset the
+    connection and the peer could lose the unread close frame with it.
+    """
     for conn in list(state.hub.connections()):
-        conn.cut()
-    await asyncio.sleep(0)  # the transports report connection_lost: departures start
+        conn.end()
+    await asyncio.sleep(0)  # transports with nothing left to send report connection_lost
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    for _ in range(int(within / DEPART_POLL)):  # polled, like the drain: sockets leave by callback
+        if next(state.hub.connections(), None) is None:
+            break
+        await asyncio.sleep(DEPART_POLL)
+    for conn in list(state.hub.connections()):
+        conn.cut()  # a peer that does not read: its transport never empties
+    await asyncio.sleep(0)
     if state.departing:
-        await asyncio.wait(set(state.departing), timeout=within)
+        await asyncio.wait(set(state.departing), timeout=max(0.1, deadline - loop.time()))
     left = list(state.departing)
     for task in left:
         task.cancel()
