@@ -24,10 +24,11 @@ from node.control import listening_for_commands
 from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
+from node.sockets import depart_all
 from node.state import STATE, NodeState
 from node.stats import NodeStats
 from node.subscriber import open_subscriber
-from node.ws import depart_all, websocket
+from node.ws import websocket
 
 log = logging.getLogger("fanout.node")
 
