@@ -33,6 +33,7 @@ from node.ws import websocket
 log = logging.getLogger("fanout.node")
 
 DRAIN_POLL = 0.05
+PEER_CLOSE_GRACE = 1.0
 # Seconds the cleanup waits for departing sockets' releases before Redis closes.
 DEPART_WITHIN = 2.0
 
@@ -159,8 +160,11 @@ async def drain(app: web.Application, within: float) -> None:
     """
     state = app[STATE]
     await _close_sockets(app)
-    # Polled: a socket leaves the hub from its own handler, there is no event to await.
-    for _ in range(int(within / DRAIN_POLL)):
+    # Polled: a socket leaves the hub by callback, there is no event to await. A peer
+    # answers a close in milliseconds; one that has not within PEER_CLOSE_GRACE is not
+    # reading now, and waiting longer keeps the node from stopping: the cleanup ends
+    # it (its 1001 was written, the end of the stream follows; node.sockets.depart_all).
+    for _ in range(int(min(within, PEER_CLOSE_GRACE) / DRAIN_POLL)):
         if next(state.hub.connections(), None) is None:
             return
         await asyncio.sleep(DRAIN_POLL)

@@ -168,12 +168,11 @@ class ClientWire(Wire):
         return self._conn
 
     async def stop(self) -> None:
-        """Cancel and await the frame task, if one runs."""
+        """Await the frame task, if one runs: the connection is closing, so it stops
+        after the frame in hand (a chat being enqueued is finished, not cut off)."""
         task = self._worker
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])  # a cancellation of the caller's still reaches it
 
 
 def _start_departure(state: NodeState, wire: ClientWire) -> None:
@@ -192,8 +191,8 @@ def _start_departure(state: NodeState, wire: ClientWire) -> None:
 
 
 async def _depart(state: NodeState, wire: ClientWire) -> None:
+    await wire.connection.stop()  # closing from here on: the frame task ends after its frame
     await wire.stop()
-    await wire.connection.stop()
     await release_device(state, wire.connection)
 
 
