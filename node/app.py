@@ -17,6 +17,7 @@ from common.gcpause import freeze_startup_objects
 from common.keys import Keys
 from common.protocol import CloseCode
 from common.resp import command_connection
+from common.runtime import raise_if_cancelled
 from common.sessions import SessionDirectory
 from common.store import Store
 from node import admin, api
@@ -134,11 +135,7 @@ async def _refresh_devices(state: NodeState) -> None:
             raise
         except Exception as exc:
             log.warning("device lease refresh failed: %s", exc)
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # A client library swallowed our cancellation (redis-py was seen to, in a
-            # script call): stop anyway, or the node's stop waits here forever.
-            raise asyncio.CancelledError
+        raise_if_cancelled()
         await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
 
