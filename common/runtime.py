@@ -37,3 +37,15 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and the cancellation got lost.
+
+    A client library can swallow a cancellation that lands inside one of its calls
+    (redis-py was seen to, during a SIGTERM); a loop that then sleeps on holds the
+    process's stop until its watchdog. Loops call this after such calls.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from common.gcpause import GcPauses
 from common.keys import Keys
+from common.runtime import raise_if_cancelled
 
 log = logging.getLogger("fanout.stats")
 
@@ -216,6 +217,7 @@ async def report_every(interval: float, tick: Callable[[], Awaitable[None]], wha
             if not failing:
                 log.warning("%s: stats not written (%s); retrying every %.1fs", what, exc, interval)
             failing = True
+        raise_if_cancelled()
         await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
 
 

@@ -17,6 +17,7 @@ from common.gcpause import freeze_startup_objects
 from common.keys import Keys
 from common.protocol import CloseCode
 from common.resp import command_connection
+from common.runtime import raise_if_cancelled
 from common.sessions import SessionDirectory
 from common.store import Store
 from node import admin, api
@@ -24,6 +25,7 @@ from node.control import listening_for_commands
 from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
+from node.sockets import depart_all
 from node.state import STATE, NodeState
 from node.stats import NodeStats
 from node.subscriber import open_subscriber
@@ -32,6 +34,9 @@ from node.ws import websocket
 log = logging.getLogger("fanout.node")
 
 DRAIN_POLL = 0.05
+PEER_CLOSE_GRACE = 1.0
+# Seconds the cleanup waits for departing sockets' releases before Redis closes.
+DEPART_WITHIN = 2.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -104,6 +109,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                         refresher.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await refresher
+                        await depart_all(state, DEPART_WITHIN)
                         await hub.close()
         finally:
             await redis.aclose()
@@ -129,6 +135,7 @@ async def _refresh_devices(state: NodeState) -> None:
             raise
         except Exception as exc:
             log.warning("device lease refresh failed: %s", exc)
+        raise_if_cancelled()
         await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
 
@@ -150,8 +157,11 @@ async def drain(app: web.Application, within: float) -> None:
     """
     state = app[STATE]
     await _close_sockets(app)
-    # Polled: a socket leaves the hub from its own handler, there is no event to await.
-    for _ in range(int(within / DRAIN_POLL)):
+    # Polled: a socket leaves the hub by callback, there is no event to await. A peer
+    # answers a close in milliseconds; one that has not within PEER_CLOSE_GRACE is not
+    # reading now, and waiting longer keeps the node from stopping: the cleanup ends
+    # it (its 1001 was written, the end of the stream follows; node.sockets.depart_all).
+    for _ in range(int(min(within, PEER_CLOSE_GRACE) / DRAIN_POLL)):
         if next(state.hub.connections(), None) is None:
             return
         await asyncio.sleep(DRAIN_POLL)

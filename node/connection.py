@@ -10,20 +10,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import WSMsgType, web
-from aiohttp.http import WebSocketWriter
+from aiohttp import WSMsgType
 
 from common.protocol import CloseCode
+from node.wire import Wire
 
 log = logging.getLogger("fanout.node")
 
 _TEXT = int(WSMsgType.TEXT)
 _PING = int(WSMsgType.PING)
-
-# aiohttp writes an uncompressed frame synchronously and only then awaits its flow
-# control; the node calls that synchronous step directly (`send`, `ping`). Private API:
-# without it, every frame goes through the writer task and aiohttp runs the heartbeat.
-DIRECT_WRITES = hasattr(WebSocketWriter, "_write_websocket_frame")
 
 # A peer that does not read our close frame within this time is cut (SPEC §4).
 CLOSE_TIMEOUT = 10.0
@@ -105,15 +100,14 @@ class Connection:
     __slots__ = (
         "_closer",
         "_closing",
-        "_direct",
         "_direct_writes",
         "_drained",
         "_hooks",
         "_limit",
         "_queue",
         "_queued",
-        "_transport",
         "_waiting_since",
+        "_wire",
         "_writer",
         "conn_id",
         "connected_at",
@@ -124,13 +118,10 @@ class Connection:
         "pinged",
         "session_id",
         "user_id",
-        "ws",
     )
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.Transport | None,
         *,
         conn_id: str,
         user_id: str,
@@ -140,8 +131,8 @@ class Connection:
         expires_at: float = float("inf"),
         hooks: ConnectionHooks = NO_HOOKS,
     ) -> None:
-        self.ws = ws
-        self._transport = transport
+        # The socket, once upgraded (`attach`); frames sent before are dropped.
+        self._wire: Wire | None = None
         self.conn_id = conn_id
         self.user_id = user_id
         self.device_id = device_id
@@ -166,7 +157,6 @@ class Connection:
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
         self._hooks = hooks
-        self._direct: WebSocketWriter | None = None
         self._direct_writes = 0
         # Delivery latency: when the queue last became non-empty; the hooks are told
         # (once per written batch, not per frame) how long that batch waited.
@@ -176,11 +166,9 @@ class Connection:
     def closing(self) -> bool:
         return self._closing
 
-    def start(self) -> None:
-        """Once the upgrade is done: the direct write path (see DIRECT_WRITES)."""
-        writer = getattr(self.ws, "_writer", None)
-        if DIRECT_WRITES and isinstance(writer, WebSocketWriter):
-            self._direct = writer
+    def attach(self, wire: Wire) -> None:
+        """Once the upgrade is done: frames go to this socket."""
+        self._wire = wire
 
     def heard(self) -> None:
         """A frame came from the peer: it is alive."""
@@ -190,25 +178,28 @@ class Connection:
     def ping(self) -> None:
         """Send a ping now, ahead of anything queued (control frames may interleave)."""
         self.pinged = True
-        if self._direct is not None and not self._closing:
-            self._direct._write_websocket_frame(b"", _PING, 0)
+        if self._wire is not None and not self._closing:
+            self._wire.write(_PING, b"")
 
     def cut(self) -> None:
         """A silent peer would not read a close frame: drop the socket."""
         self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
+        if self._wire is not None:
+            self._wire.transport.abort()
 
     def send(self, frame: bytes) -> None:
         """Write or queue a frame; over the bound, close the connection with 1013."""
         if self._closing:
             self._hooks.on_drop(1)
             return
-        transport = self._transport
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
-        if not self._queue and self._direct is not None and buffered + len(frame) <= self._limit:
+        wire = self._wire
+        if wire is None:
+            self._hooks.on_drop(1)
+            return
+        buffered = wire.transport.get_write_buffer_size()
+        if not self._queue and buffered + len(frame) <= self._limit:
             # Nothing waits before it: straight into the socket, no task wake-up.
-            self._direct._write_websocket_frame(frame, _TEXT, 0)
+            wire.write(_TEXT, frame)
             # These waited no time; 1 in 16 is observed, which keeps the latency
             # histogram's shape at a sixteenth of the cost per delivery.
             self._direct_writes += 1
@@ -254,10 +245,13 @@ class Connection:
     async def _write_queued(self, queue: deque[bytes]) -> None:
         """Write the queue out, then go: the next frame that must wait starts a new writer."""
         since = self._waiting_since
+        wire = self._wire
+        assert wire is not None  # only `send`/`send_paced` of an attached connection queue
         while queue:
             frame = queue.popleft()
             self._queued -= len(frame)
-            await self.ws.send_frame(frame, WSMsgType.TEXT)
+            wire.write(_TEXT, frame)
+            await wire.drain()
         # Nothing awaited since the queue was seen empty: a frame that waits from now
         # on finds no queue and no writer, and starts both again.
         self._queue = self._writer = None
@@ -269,23 +263,53 @@ class Connection:
         """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
         if self._closing:
             return
+        self._stop_writing()
+        self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        wire = self._wire
+        if wire is None:
+            return
+        wire.write_close(code, reason)
+        try:
+            # The peer answers with its close frame once it has read everything
+            # written before ours; then the transport flushes and closes.
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await wire.wait_peer_closed()
+        except TimeoutError:
+            wire.transport.abort()
+        else:
+            wire.transport.close()
+
+    def closed_by_peer(self) -> None:
+        """The peer sent a close frame first: answer it and close (nothing more is sent)."""
+        if self._closing:
+            return
+        self._stop_writing()
+        if self._wire is not None:
+            self._wire.write_close(1000, "")
+            self._wire.transport.close()
+
+    def end(self) -> None:
+        """The node stops: a close frame unless one went out, then the transport closes
+        once what was written is sent (the peer reads its 1001, then the end)."""
+        if not self._closing:
+            self._stop_writing()
+            if self._wire is not None:
+                self._wire.write_close(CloseCode.GOING_AWAY, "node shutting down")
+        if self._wire is not None:
+            self._wire.transport.close()
+
+    def _stop_writing(self) -> None:
+        """Closing: what still waits is dropped (counted), a paced replay released."""
         self._closing = True
         if self._queue:
             self._hooks.on_drop(len(self._queue))
             self._queue.clear()
         if self._drained is not None:
-            self._drained.set()  # releases a paced replay
+            self._drained.set()
         if self._writer is not None:
             self._writer.cancel()
-        self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
-
-    async def _close(self, code: int, reason: str) -> None:
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.ws.close(code=code, message=reason.encode())
-        except (TimeoutError, ConnectionError, RuntimeError):
-            if self._transport is not None:
-                self._transport.abort()
 
     async def stop(self) -> None:
         """Cancel and await the owned tasks (called once the socket is done)."""

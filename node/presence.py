@@ -145,9 +145,12 @@ class DeviceRegistry:
         ]
         args: list[str | int] = [expires, self._key_ttl, *(d for _, d in chunk)]
         if self._commands is not None:
+            # On the shared connection, like claims and releases: a redis-py script call
+            # cancelled at a SIGTERM was seen to swallow the cancellation, and the
+            # node's stop then waited on this refresher until the watchdog.
             await run_script(self._commands, self._renew, keys, args)
-        else:
-            await self._renew(keys=keys, args=args)
+            return
+        await self._renew(keys=keys, args=args)
 
     async def _renew_per_device(self, chunk: Sequence[tuple[str, str]], expires: int) -> None:
         # Redis Cluster: users' keys live on different slots, which one script call

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -35,6 +36,8 @@ class NodeState:
     started_at: float = field(default=0.0)
     # Shared by every connection (bound methods made once, not per socket).
     connection_hooks: ConnectionHooks = field(init=False)
+    # Sockets that went away and are being released (node.ws): the app's cleanup waits.
+    departing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.connection_hooks = ConnectionHooks(

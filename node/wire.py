@@ -1,0 +1,215 @@
+"""A socket after its upgrade: the transport's own protocol, frames in by callback.
+
+aiohttp keeps a request for the whole life of a WebSocket: the parsed request (headers,
+URL, payload), its RequestHandler and HTTP parser, two tasks and the coroutine chain of
+the handler waiting in `receive()` — about 12 KB per socket, and a node holds
+thousands, almost all idle. So aiohttp does the handshake (`WebSocketResponse.prepare`)
+and then the socket is taken over: the transport is handed to a `Wire`, aiohttp's
+request handling ends, and what stays per socket is the transport, aiohttp's frame
+parser (`WebSocketReader`), the Wire and the node's Connection.
+
+Frames out are written here (RFC 6455 §5.2: a server's frames are unmasked, so a frame
+is a 2-10 byte header and the payload); frames in are parsed by aiohttp's reader and
+handed to `received`/`failed` synchronously, from `data_received`.
+
+The take-over uses aiohttp internals, pinned with aiohttp's version in pyproject.toml
+and checked by tests/unit/test_wire.py: the reader's queue class, and
+`RequestHandler.transport`/`connection_lost` to let go of the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, cast
+
+from aiohttp import WSMsgType, web
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.http import WebSocketError, WebSocketReader
+
+# Payloads up to this size are joined to their header in one write (one copy of a
+# small frame beats a second buffer in the transport).
+_JOIN_BELOW = 4096
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+_CLOSE_CODE = struct.Struct("!H")
+
+
+class _Dispatch(WebSocketDataQueue):
+    """The reader's destination, shared by every socket.
+
+    aiohttp's reader hands each parsed message to its queue synchronously, inside the
+    `feed_data` that `Wire.data_received` calls, so one queue knows which socket a
+    message is for (`current`) and passes it straight on. A queue of its own per
+    socket would hold a deque and its bound methods (~0.8 KB) that stay empty. It
+    never counts what it passes on, so the reader never stalls on it.
+    """
+
+    current: Wire | None = None
+
+    def feed_data(self, data: Any, size: int) -> None:
+        wire = self.current
+        if wire is not None:
+            wire.received(data)
+
+    def set_exception(self, exc: BaseException, exc_cause: Any = None) -> None:
+        wire = self.current
+        if wire is not None:
+            wire.failed(exc)
+
+    def feed_eof(self) -> None:
+        pass
+
+
+_dispatch: _Dispatch | None = None
+
+
+def _shared_dispatch() -> _Dispatch:
+    global _dispatch
+    if _dispatch is None:
+        # The protocol and limit are only used by a queue that buffers; this one does not.
+        _dispatch = _Dispatch(cast(Any, None), 0, loop=asyncio.get_running_loop())
+    return _dispatch
+
+
+def frame_header(opcode: int, length: int) -> bytes:
+    """RFC 6455 §5.2: FIN + opcode, then the unmasked payload length in 7, 16 or 64 bits."""
+    first = 0x80 | opcode
+    if length < 126:
+        return _SHORT.pack(first, length)
+    if length < 65536:
+        return _MEDIUM.pack(first, 126, length)
+    return _LONG.pack(first, 127, length)
+
+
+class Wire(asyncio.Protocol):
+    """The transport's protocol once the upgrade is done.
+
+    Subclasses say what a message (`received`), a broken stream (`failed`) and the
+    end of the connection (`lost`) mean. Writes are synchronous; `drain` waits while
+    the transport is over its high-water mark.
+    """
+
+    __slots__ = (
+        "_closed_by_peer",
+        "_lost",
+        "_peer_closing",
+        "_reader",
+        "_unpaused",
+        "transport",
+    )
+
+    def __init__(self, transport: asyncio.Transport, *, max_msg_size: int) -> None:
+        self.transport = transport
+        self._reader = WebSocketReader(
+            _shared_dispatch(), max_msg_size, compress=False, decode_text=True
+        )
+        self._lost = False
+        # Made only while a writer waits on flow control, or a close waits for the peer.
+        self._unpaused: asyncio.Future[None] | None = None
+        self._closed_by_peer: asyncio.Future[None] | None = None
+        self._peer_closing = False
+
+    def take_over(self, request: web.Request) -> None:
+        """Move the upgraded socket from aiohttp's request handler to this protocol.
+
+        The handler must let go of the transport without closing it (its transport
+        attribute cleared first, so its `connection_lost` does not close it); from then
+        on aiohttp's request ends as if the client had left, and the handler's return
+        value is not written anywhere (there is no transport to write it to). The
+        handler's task goes on (the node's runner keeps aiohttp's default
+        `handler_cancellation=False`), so the code after this still runs.
+        """
+        handler = request.protocol
+        handler.transport = None
+        self.transport.set_protocol(self)
+        handler.connection_lost(None)
+        # RFC 6455 §4.1: a client sends nothing before the server's handshake
+        # response, so aiohttp's own reader holds no frame that would be lost here.
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        dispatch = _shared_dispatch()
+        outer, dispatch.current = dispatch.current, self
+        try:
+            self._reader.feed_data(data)
+        finally:
+            dispatch.current = outer
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: a WebSocket has no half-closed state
+
+    def pause_writing(self) -> None:
+        if self._unpaused is None:
+            self._unpaused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._wake_writer()
+        self.peer_closed()
+        self.lost()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def received(self, msg: Any) -> None:
+        """A parsed message: aiohttp's WSMessage (type, data, extra)."""
+
+    def failed(self, exc: BaseException) -> None:
+        """The peer's stream cannot be parsed (a WebSocketError has the close code)."""
+
+    def lost(self) -> None:
+        """The connection is gone."""
+
+    # -- writing --------------------------------------------------------------------------
+    @property
+    def is_lost(self) -> bool:
+        return self._lost
+
+    def write(self, opcode: int, payload: bytes) -> None:
+        """One unfragmented frame; dropped once the connection is lost or closing."""
+        transport = self.transport
+        if self._lost or transport.is_closing():
+            return
+        header = frame_header(opcode, len(payload))
+        if len(payload) < _JOIN_BELOW:
+            transport.write(header + payload)
+        else:
+            transport.writelines((header, payload))
+
+    def write_close(self, code: int, reason: str) -> None:
+        self.write(int(WSMsgType.CLOSE), _CLOSE_CODE.pack(code) + reason.encode()[:123])
+
+    async def drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark."""
+        while self._unpaused is not None and not self._lost:
+            await asyncio.shield(self._unpaused)
+
+    def _wake_writer(self) -> None:
+        waiter, self._unpaused = self._unpaused, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- closing --------------------------------------------------------------------------
+    def peer_closed(self) -> None:
+        """The peer's close frame came (or the connection is gone): a close may finish."""
+        self._peer_closing = True
+        waiter, self._closed_by_peer = self._closed_by_peer, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_peer_closed(self) -> None:
+        if self._lost or self._peer_closing:
+            return
+        if self._closed_by_peer is None:
+            self._closed_by_peer = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._closed_by_peer)
+
+
+def close_code_of(exc: BaseException) -> int:
+    """The close code for a stream that failed to parse (1009 too big, 1002, 1007...)."""
+    if isinstance(exc, WebSocketError):
+        return int(exc.code)
+    return 1011

@@ -1,0 +1,146 @@
+"""Two source trees' nodes, started alternately, through the same `fanout loadtest`.
+
+    git archive main | tar -x -C /tmp/fanout-main
+    .venv/bin/python scripts/bench_ab.py --runs 3 A=/tmp/fanout-main B=.
+    .venv/bin/python scripts/bench_ab.py --mode fanout --connections 1000 --duration 6 A=... B=...
+
+Each run starts 2 fresh nodes from one tree (`python -m common.cli node` with the
+tree as the working directory, so its code is imported, with this venv's packages),
+drives them with this tree's load generator (2 processes), stops them, and clears the
+run's Redis keys; trees alternate run by run, so a noisy neighbour hits both. It prints
+each run and the medians of node RSS per connection and deliveries per node CPU-second.
+Uses Redis and Postgres at the default addresses, in a namespace and database of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench import _listening as listening  # noqa: E402
+from scripts.bench import clear_namespace, drop_database, free_port  # noqa: E402
+
+NODES = 2
+
+
+def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    nodes: list[tuple[subprocess.Popen[bytes], int]] = []
+    logs = Path(args.logs)
+    try:
+        for i in range(NODES):
+            port = free_port()
+            with (logs / f"{tag}-node{i}.log").open("ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "common.cli", "node", "--port", str(port)],
+                    env={**os.environ, **env, "FANOUT_NODE_ID": f"{tag}-{i}"},
+                    cwd=tree,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            nodes.append((proc, port))
+        deadline = time.monotonic() + 30
+        for proc, port in nodes:
+            while not listening(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{tag}: a node did not start (logs in {logs})")
+                time.sleep(0.1)
+        time.sleep(1.0)  # the start-up settles before the RSS baseline is read
+        cmd = [sys.executable, "-m", "common.cli", "loadtest", "--json", "--quiet"]
+        cmd += ["--mode", args.mode, "--connections", str(args.connections)]
+        cmd += ["--processes", "2", "--duration", str(args.duration)]
+        for proc, port in nodes:
+            cmd += ["--url", f"ws://127.0.0.1:{port}/ws", "--server-pid", str(proc.pid)]
+        done = subprocess.run(
+            cmd, env={**os.environ, **env}, cwd=ROOT, capture_output=True, timeout=600, check=False
+        )
+        if not done.stdout.strip():
+            raise RuntimeError(f"loadtest exited {done.returncode}: {done.stderr.decode()[-500:]}")
+        report: dict[str, Any] = orjson.loads(done.stdout)
+        return report
+    finally:
+        for proc, _ in nodes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in nodes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("trees", nargs="+", help="NAME=PATH of a source tree")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mode", default="idle")
+    parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-ab"))
+    args = parser.parse_args()
+    trees = [tuple(t.split("=", 1)) for t in args.trees]
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)
+    env = {
+        "FANOUT_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "FANOUT_DATABASE_URL": f"postgresql://127.0.0.1:5432/fanout_ab_{run_id}",
+        "FANOUT_NAMESPACE": f"ab{run_id}:",
+        "FANOUT_JWT_SECRET": secrets.token_urlsafe(32),
+        "FANOUT_DRAIN_TIMEOUT": "3",
+        "PYTHONUNBUFFERED": "1",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "common.cli", "migrate"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    kib: dict[str, list[float]] = {name: [] for name, _ in trees}
+    per_cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
+    try:
+        for run in range(args.runs):
+            for name, tree in trees:
+                report = run_once(tree, env, args, f"{name}{run}-{run_id}")
+                servers = report.get("servers") or {}
+                kib[name].append(servers.get("rss_per_connection_kib") or 0.0)
+                per_cpu[name].append(servers.get("deliveries_per_cpu_s") or 0.0)
+                print(
+                    f"run {run} {name}: made {report['connections'].get('made')}, "
+                    f"connect {report['connections'].get('connect_ms')}, "
+                    f"{kib[name][-1]} KiB RSS per connection, "
+                    f"{report.get('deliveries_per_s', 0):,.0f} deliveries/s, "
+                    f"{per_cpu[name][-1]:,.0f} per node CPU-s, lost {report.get('lost')}",
+                    flush=True,
+                )
+                clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
+    finally:
+        clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
+        server = env["FANOUT_DATABASE_URL"].rsplit("/", 1)[0]
+        asyncio.run(drop_database(f"{server}/postgres", f"fanout_ab_{run_id}"))
+    for name, _ in trees:
+        print(
+            f"{name}: RSS per connection {kib[name]} KiB, median {statistics.median(kib[name])}; "
+            f"deliveries per node CPU-s median {statistics.median(per_cpu[name]):,.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
