@@ -127,3 +127,20 @@ async def test_batches_are_bounded(database_url: str, size: int) -> None:
         assert writer.batches == (size + 127) // 128
         ids = [w.message.id for w in written if w is not None]
         assert ids == sorted(ids)
+
+
+async def test_a_paused_session_stores_extends_and_takes_no_reply(database_url: str) -> None:
+    async with Store.open(database_url) as store:
+        session_id = await new_session(store)
+        writer = BatchWriter(store)
+        first = await writer.chat(chat(session_id, 1))
+        assert first is not None and first.session.status == "running"
+        await store.execute(
+            "UPDATE sessions SET status = 'paused', expires_at = now() WHERE id = $1",
+            uuid.UUID(session_id),
+        )
+        paused = await writer.chat(chat(session_id, 2))
+        assert paused is not None and paused.created and paused.reply_id is None
+        assert (paused.before.status, paused.session.status) == ("paused", "paused")
+        assert paused.session.version == paused.before.version, "no status change"
+        assert paused.session.expires_at > paused.before.expires_at, "activity extends the TTL"
