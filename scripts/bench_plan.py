@@ -62,7 +62,7 @@ def plan(args: argparse.Namespace) -> list[Spec]:
     # fall behind and drain in the settle time; "completed/s" shows what they managed).
     chats = (
         Scenario("chat", 200, conns, d_rate, runs, processes=1, settle=10),
-        Scenario("chat", args.chat_rate, conns, d_max, 1, processes=1, settle=40),
+        Scenario("chat", args.chat_rate, conns, d_max, runs, processes=1, settle=40),
     )
     # Idle on clusters of its own: fresh processes give a clean RSS baseline, and closing
     # 10,000 sockets keeps a node busy for a while after the run.
