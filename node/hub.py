@@ -233,8 +233,14 @@ class Hub:
     def repair_all(self) -> None:
         """After a pub/sub reconnect: anything may have been missed, check every user."""
         for user in self.users.values():
-            if user.repair is None and user.last_seq is not None:
-                user.repair = asyncio.create_task(self._repair(user), name=f"repair-{user.user_id}")
+            if user.last_seq is None:
+                continue  # still joining: it reads the newest seq after its channel is live
+            if user.repair is not None:
+                # A repair in flight may have read the log before the drop, and would
+                # miss what was published during it: read again. Cancelling is safe,
+                # it changes nothing before its read returns.
+                user.repair.cancel()
+            user.repair = asyncio.create_task(self._repair(user), name=f"repair-{user.user_id}")
 
     async def close(self) -> None:
         self.expiry.close()

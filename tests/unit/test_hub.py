@@ -139,3 +139,34 @@ async def test_skip_marker_spares_the_sending_device() -> None:
     _publish(hub, "u", b'!a\n{"type":"typing"}')
     assert [f["type"] for f in a.sent] == ["welcome"]
     assert [f["type"] for f in b.sent] == ["welcome", "typing"]
+
+
+class GatedLog(MemoryLog):
+    """Reads the log when asked, answers when the gate opens (a slow Redis reply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def log_after(self, user: str, after: int, limit: int | None = None) -> list[bytes]:
+        read = await super().log_after(user, after, limit)
+        await self.gate.wait()
+        return read
+
+
+async def test_a_resubscribe_during_a_repair_reads_the_log_again() -> None:
+    log = GatedLog()
+    hub = Hub(log, KEYS, mode="pattern")  # type: ignore[arg-type]
+    conn = FakeConn("u", "a")
+    await _join(hub, conn)
+    _publish(hub, "u", log.append("u"))
+    log.gate.clear()
+    log.append("u")  # seq 2: missed
+    _publish(hub, "u", log.append("u"))  # seq 3: a gap, the repair reads the log (1..3)
+    await _settle()
+    log.append("u")  # seq 4: published while the pub/sub connection was down
+    hub.repair_all()  # resubscribed
+    log.gate.set()
+    await _settle()
+    assert conn.seqs() == [1, 2, 3, 4]
