@@ -191,6 +191,11 @@ class Subscriber:
         if not isinstance(reply, list):
             if isinstance(reply, hiredis.ReplyError):
                 log.error("redis pub/sub error: %s", reply)
+            elif reply == b"PONG":
+                # A PING before the first SUBSCRIBE gets the plain reply, not the
+                # subscribed-mode [pong, ""]: dropping it made every subscriber without a
+                # probe channel (the node's control channel) reconnect once at start.
+                self._pong.set()
             return
         kind = reply[0]
         if kind == b"message" or kind == b"smessage":
