@@ -24,6 +24,17 @@ from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import urlencode, urlsplit
 
+from common.wsframe import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    frame_header,
+    mask,
+)
+
 log = logging.getLogger("fanout.wsclient")
 
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -36,8 +47,6 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 # Seconds `close()` waits for the peer's close frame before cutting the connection.
 CLOSE_TIMEOUT = 5.0
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 CLOSE_NORMAL, CLOSE_NO_STATUS, CLOSE_ABNORMAL = 1000, 1005, 1006
 CLOSE_PROTOCOL, CLOSE_UNSUPPORTED, CLOSE_BAD_DATA, CLOSE_TOO_BIG = 1002, 1003, 1007, 1009
 CLOSE_INTERNAL = 1011
@@ -58,27 +67,9 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + ACCEPT_GUID).digest()).decode()
 
 
-def mask(key: bytes, payload: bytes) -> bytes:
-    """`payload` XOR the repeated 4-byte `key` (one big-integer XOR, not a byte loop)."""
-    n = len(payload)
-    if not n:
-        return b""
-    repeated = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(
-        n, "little"
-    )
-
-
 def encode_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
     """One final, masked client frame."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 1 << 16:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return header + key + mask(key, payload)
+    return frame_header(opcode, len(payload), masked=True) + key + mask(key, payload)
 
 
 def close_payload(code: int) -> bytes:

@@ -8,9 +8,9 @@ and then the socket is taken over: the transport is handed to a `Wire`, aiohttp'
 request handling ends, and what stays per socket is the transport, aiohttp's frame
 parser (`WebSocketReader`), the Wire and the node's Connection.
 
-Frames out are written here (RFC 6455 §5.2: a server's frames are unmasked, so a frame
-is a 2-10 byte header and the payload); frames in are parsed by aiohttp's reader and
-handed to `received`/`failed` synchronously, from `data_received`.
+Frames out are written here, framed by common/wsframe.py (a message's frame is made
+once, for all its sockets); frames in are parsed by aiohttp's reader and handed to
+`received`/`failed` synchronously, from `data_received`.
 
 The take-over uses aiohttp internals, pinned with aiohttp's version in pyproject.toml
 and checked by tests/unit/test_wire.py: the reader's queue class, and
@@ -27,12 +27,8 @@ from aiohttp import WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.http import WebSocketError, WebSocketReader
 
-# Payloads up to this size are joined to their header in one write (one copy of a
-# small frame beats a second buffer in the transport).
-_JOIN_BELOW = 4096
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
+from common.wsframe import frame_header
+
 _CLOSE_CODE = struct.Struct("!H")
 
 
@@ -71,16 +67,6 @@ def _shared_dispatch() -> _Dispatch:
         # The protocol and limit are only used by a queue that buffers; this one does not.
         _dispatch = _Dispatch(cast(Any, None), 0, loop=asyncio.get_running_loop())
     return _dispatch
-
-
-def frame_header(opcode: int, length: int) -> bytes:
-    """RFC 6455 §5.2: FIN + opcode, then the unmasked payload length in 7, 16 or 64 bits."""
-    first = 0x80 | opcode
-    if length < 126:
-        return _SHORT.pack(first, length)
-    if length < 65536:
-        return _MEDIUM.pack(first, 126, length)
-    return _LONG.pack(first, 127, length)
 
 
 class Wire(asyncio.Protocol):
@@ -170,14 +156,12 @@ class Wire(asyncio.Protocol):
 
     def write(self, opcode: int, payload: bytes) -> None:
         """One unfragmented frame; dropped once the connection is lost or closing."""
-        transport = self.transport
-        if self._lost or transport.is_closing():
-            return
-        header = frame_header(opcode, len(payload))
-        if len(payload) < _JOIN_BELOW:
-            transport.write(header + payload)
-        else:
-            transport.writelines((header, payload))
+        self.write_framed(frame_header(opcode, len(payload)) + payload)
+
+    def write_framed(self, data: bytes) -> None:
+        """Bytes that are whole frames already (common/wsframe.py), written as they are."""
+        if not self._lost and not self.transport.is_closing():
+            self.transport.write(data)
 
     def write_close(self, code: int, reason: str) -> None:
         self.write(int(WSMsgType.CLOSE), _CLOSE_CODE.pack(code) + reason.encode()[:123])

@@ -9,7 +9,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.http import WebSocketReader
 from aiohttp.web_protocol import RequestHandler
 
-from node.wire import frame_header
+from common.wsframe import frame_header
 
 
 def test_frame_header_lengths() -> None:

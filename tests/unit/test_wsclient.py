@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common import wsclient
-from common.wsclient import HandshakeError, WebSocket, accept_key, mask
+from common.wsclient import HandshakeError, WebSocket, accept_key
+from common.wsframe import mask
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
