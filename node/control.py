@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from common.keys import Keys
 from common.protocol import CloseCode
 from common.pubsub import ChannelSubscriber
+from common.wsframe import text_frame
 from node.hub import Hub
 from node.metrics import NodeMetrics
 from node.state import NodeState
@@ -74,8 +75,9 @@ class ControlChannel:
         thousands of sockets take milliseconds, and the frame goes out in one pass.
         """
         sent = 0
+        framed = text_frame(frame)  # once, for every socket
         for conn in self._hub.connections():
-            conn.send(frame)
+            conn.send_framed(framed)
             sent += 1
         self._metrics.frames_broadcast += sent
         return sent

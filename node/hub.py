@@ -18,6 +18,7 @@ from common.bus import Bus
 from common.keys import Keys
 from common.protocol import SKIP_MARK, encode, seq_of
 from common.pubsub import ChannelSubscriber
+from common.wsframe import text_frame
 from node.connection import Connection
 from node.timers import Heartbeat, TokenExpiry
 
@@ -47,9 +48,10 @@ class LocalUser:
         self.joining = 0
 
     def write(self, seq: int, frame: bytes) -> None:
+        framed = text_frame(frame)  # once for all the user's devices
         for conn in self.connections:
             if seq > conn.floor:
-                conn.send(frame)
+                conn.send_framed(framed)
 
 
 class Hub:
@@ -170,19 +172,21 @@ class Hub:
             return  # pattern mode: a user this node does not hold
         if data[:1] == SKIP_MARK:
             device, _, frame = data[1:].partition(b"\n")
-            skip = device.decode()
-            for conn in user.connections:
-                if conn.device_id != skip:
-                    conn.send(frame)
-            self.on_delivered(len(user.connections))
+            self._send_ephemeral(user, frame, skip=device.decode())
             return
         seq = seq_of(data)
         if seq is None:
-            for conn in user.connections:
-                conn.send(data)
-            self.on_delivered(len(user.connections))
+            self._send_ephemeral(user, data)
             return
         self._offer(user, seq, data)
+
+    def _send_ephemeral(self, user: LocalUser, frame: bytes, skip: str | None = None) -> None:
+        """A frame without a seq to every local device of the user (but `skip`'s)."""
+        framed = text_frame(frame)
+        for conn in user.connections:
+            if conn.device_id != skip:
+                conn.send_framed(framed)
+        self.on_delivered(len(user.connections))
 
     def _offer(self, user: LocalUser, seq: int, frame: bytes) -> None:
         last = user.last_seq

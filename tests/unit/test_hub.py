@@ -39,9 +39,16 @@ class FakeConn:
         self.user_id, self.device_id = user, device
         self.floor = 0
         self.sent: list[dict[str, Any]] = []
+        self.framed: list[bytes] = []
 
     def send(self, frame: bytes) -> None:
         self.sent.append(orjson.loads(frame))
+
+    def send_framed(self, framed: bytes) -> None:
+        # A server text frame under 64 KiB: 2 header bytes, or 4 with a 16-bit length.
+        assert framed[0] == 0x81, "one final text frame"
+        self.framed.append(framed)
+        self.send(framed[2:] if framed[1] < 126 else framed[4:])
 
     async def send_paced(self, frame: bytes) -> None:
         self.send(frame)
@@ -170,3 +177,15 @@ async def test_a_resubscribe_during_a_repair_reads_the_log_again() -> None:
     log.gate.set()
     await _settle()
     assert conn.seqs() == [1, 2, 3, 4]
+
+
+async def test_a_delivery_is_framed_once_for_all_devices() -> None:
+    log = MemoryLog()
+    hub = Hub(log, KEYS, mode="pattern")  # type: ignore[arg-type]
+    a, b = FakeConn("u", "a"), FakeConn("u", "b")
+    await _join(hub, a)
+    await _join(hub, b)
+    _publish(hub, "u", log.append("u"))
+    _publish(hub, "u", b'{"type":"typing","user_id":"v"}')
+    assert len(a.framed) == len(b.framed) == 2
+    assert all(x is y for x, y in zip(a.framed, b.framed, strict=True)), "the same bytes"
