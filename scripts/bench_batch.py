@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import asyncpg
+from bench_cluster import drop_database
 
 from common.entries import ChatEntry
 from common.schema import migrate
@@ -139,11 +139,7 @@ async def main() -> None:
                     f" {med['wall_us']:7.1f} {med['per_batch']:14.1f}"
                 )
     finally:
-        admin = await asyncpg.connect(f"{base}/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(f"{base}/postgres", name)
 
 
 if __name__ == "__main__":
