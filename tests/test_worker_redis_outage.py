@@ -3,56 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import asyncpg
+import pytest
 
 from common.embedded import Services
 from tests.harness import Cluster, Proc, connect, create_session, is_type, messages_in_db
 from tests.proxy import CuttableProxy
 
 
-async def test_worker_redis_cut_heals_without_loss_or_repeats(
-    cluster: Cluster, services: Services, database_url: str
-) -> None:
+@pytest.fixture
+async def proxy(services: Services) -> AsyncIterator[CuttableProxy]:
+    """A cuttable link to the test Redis; `behind(proxy, services)` is its URL."""
     parts = urlsplit(services.redis_url)
-    async with CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
-        node = await cluster.node(FANOUT_RATE="1000", FANOUT_RATE_BURST="1000")
-        worker = await cluster.worker(
-            FANOUT_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{parts.path}"
-        )
-        sessions = [await create_session(node, "wendy") for _ in range(3)]
-        sent: dict[str, list[str]] = {s: [] for s in sessions}
-        async with connect(node, "wendy", "w1") as wendy:
-            is_reply = is_type("message", message__role="assistant")
+    async with CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as link:
+        yield link
 
-            def replied() -> set[str]:
-                # Every frame received so far: replies that came while an ack was awaited
-                # were read (and passed over) by that wait.
-                return {f["message"]["client_msg_id"] for f in wendy.frames if is_reply(f)}
 
-            async def reply() -> None:
-                await wendy.until(is_reply, timeout=30)
+def behind(proxy: CuttableProxy, services: Services) -> str:
+    return f"redis://127.0.0.1:{proxy.port}{urlsplit(services.redis_url).path}"
 
-            for i in range(60):
-                session_id = sessions[i % 3]
-                msg_id = await wendy.chat(session_id, f"chat {i}")
-                await wendy.until(is_type("ack", id=msg_id))  # acked: durably enqueued
-                sent[session_id].append(msg_id)
-                if i == 19:
-                    if not replied():
-                        await reply()  # the worker is at work: now its link to Redis drops
-                    proxy.cut()
-                if i == 39:
-                    await asyncio.sleep(2.5)  # reads, deliveries and acks fail meanwhile
-                    proxy.heal()
-            while len(replied()) < 60:
-                await reply()
-        conn = await asyncpg.connect(database_url)
-        try:
-            assert await conn.fetchval("SELECT count(*) FROM messages") == 120
-        finally:
-            await conn.close()
+
+async def test_worker_redis_cut_heals_without_loss_or_repeats(
+    cluster: Cluster, services: Services, database_url: str, proxy: CuttableProxy
+) -> None:
+    node = await cluster.node(FANOUT_RATE="1000", FANOUT_RATE_BURST="1000")
+    worker = await cluster.worker(FANOUT_REDIS_URL=behind(proxy, services))
+    sessions = [await create_session(node, "wendy") for _ in range(3)]
+    sent: dict[str, list[str]] = {s: [] for s in sessions}
+    async with connect(node, "wendy", "w1") as wendy:
+        is_reply = is_type("message", message__role="assistant")
+
+        def replied() -> set[str]:
+            # Every frame received so far: replies that came while an ack was awaited
+            # were read (and passed over) by that wait.
+            return {f["message"]["client_msg_id"] for f in wendy.frames if is_reply(f)}
+
+        async def reply() -> None:
+            await wendy.until(is_reply, timeout=30)
+
+        for i in range(60):
+            session_id = sessions[i % 3]
+            msg_id = await wendy.chat(session_id, f"chat {i}")
+            await wendy.until(is_type("ack", id=msg_id))  # acked: durably enqueued
+            sent[session_id].append(msg_id)
+            if i == 19:
+                if not replied():
+                    await reply()  # the worker is at work: now its link to Redis drops
+                proxy.cut()
+            if i == 39:
+                await asyncio.sleep(2.5)  # reads, deliveries and acks fail meanwhile
+                proxy.heal()
+        while len(replied()) < 60:
+            await reply()
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 120
+    finally:
+        await conn.close()
     for session_id, ids in sent.items():
         rows = await messages_in_db(database_url, session_id)
         assert [r["client_msg_id"] for r in rows if r["role"] == "user"] == ids, "once, in order"
@@ -63,35 +73,30 @@ async def test_worker_redis_cut_heals_without_loss_or_repeats(
 
 
 async def test_consumers_ride_out_a_redis_cut_in_place(
-    cluster: Cluster, services: Services, database_url: str
+    cluster: Cluster, services: Services, database_url: str, proxy: CuttableProxy
 ) -> None:
-    parts = urlsplit(services.redis_url)
-    async with CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
-        node = await cluster.node(FANOUT_RATE="1000", FANOUT_RATE_BURST="1000")
-        # Leases outlive the cut, so nothing but the consumers' own retries can resume
-        # the partitions: a crashed consumer would be restarted by a rebalance instead.
-        worker = await cluster.worker(
-            FANOUT_REDIS_URL=f"redis://127.0.0.1:{proxy.port}{parts.path}",
-            FANOUT_LEASE_TTL="15",
-        )
-        await wait_for_log(worker, "consuming partition 3")
-        sessions = [await create_session(node, "wendy") for _ in range(4)]
-        async with connect(node, "wendy", "w1") as wendy:
-            first = await wendy.chat(sessions[0], "before the cut")
-            await wendy.until(is_type("message", message__role="assistant"), timeout=30)
-            proxy.cut()
-            during = []
-            for i in range(12):  # acked by the node (its Redis is not cut), queued for later
-                msg_id = await wendy.chat(sessions[i % 4], f"during the cut {i}")
-                await wendy.until(is_type("ack", id=msg_id))
-                during.append(msg_id)
-            await asyncio.sleep(3.0)  # reads, deliveries and acks fail meanwhile
-            proxy.heal()
-            answered: set[str] = set()
-            while len(answered) < len(during):
-                frame = await wendy.until(is_type("message", message__role="assistant"), timeout=30)
-                answered.add(frame["message"]["content"].removeprefix("You said: "))
-        assert answered == {f"during the cut {i}" for i in range(12)}
+    node = await cluster.node(FANOUT_RATE="1000", FANOUT_RATE_BURST="1000")
+    # Leases outlive the cut, so nothing but the consumers' own retries can resume
+    # the partitions: a crashed consumer would be restarted by a rebalance instead.
+    worker = await cluster.worker(FANOUT_REDIS_URL=behind(proxy, services), FANOUT_LEASE_TTL="15")
+    await wait_for_log(worker, "consuming partition 3")
+    sessions = [await create_session(node, "wendy") for _ in range(4)]
+    async with connect(node, "wendy", "w1") as wendy:
+        first = await wendy.chat(sessions[0], "before the cut")
+        await wendy.until(is_type("message", message__role="assistant"), timeout=30)
+        proxy.cut()
+        during = []
+        for i in range(12):  # acked by the node (its Redis is not cut), queued for later
+            msg_id = await wendy.chat(sessions[i % 4], f"during the cut {i}")
+            await wendy.until(is_type("ack", id=msg_id))
+            during.append(msg_id)
+        await asyncio.sleep(3.0)  # reads, deliveries and acks fail meanwhile
+        proxy.heal()
+        answered: set[str] = set()
+        while len(answered) < len(during):
+            frame = await wendy.until(is_type("message", message__role="assistant"), timeout=30)
+            answered.add(frame["message"]["content"].removeprefix("You said: "))
+    assert answered == {f"during the cut {i}" for i in range(12)}
     rows = [r for s in sessions for r in await messages_in_db(database_url, s)]
     assert sorted(r["client_msg_id"] for r in rows if r["role"] == "user") == sorted(
         [first, *during]
