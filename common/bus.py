@@ -210,12 +210,6 @@ class Bus:
         )
         return [fields[b"f"] for _, fields in entries]
 
-    async def oldest_logged_seq(self, user_id: str) -> int | None:
-        entries: Any = await self.redis.xrange(self.keys.log(user_id), count=1)
-        if not entries:
-            return None
-        return int(entries[0][0].split(b"-")[0])
-
     async def enqueue(self, partition: int, entry: bytes) -> bytes:
         """Append client input to a conversation partition stream; the id once durable."""
         stream = self.keys.partition_stream(partition)
