@@ -13,8 +13,8 @@ id order (PATCH transitions serialise with it); take two ids per chat; insert ev
 chat and reply once per (session, sender, client id); read the rows stored before
 (a retry gets its first row); extend the TTL of the open sessions that got a message
 and start the pending ones. It returns the facts; this module applies the rules of
-common/lifecycle.py to them (who takes an assistant reply), as the single-message
-path does.
+common/lifecycle.py to them (who takes an assistant reply), so the SQL holds no copy
+of them.
 """
 
 from __future__ import annotations
