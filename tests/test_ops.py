@@ -281,7 +281,7 @@ async def test_drain_is_visible_in_readyz_and_stats(
         ),
     )
     # A client on a stalled network: once its buffers are full, the 1001 close frame
-    # cannot be written, so node-2 stays draining (up to FANOUT_DRAIN_TIMEOUT).
+    # cannot be written; node-2 stays draining until it ends that socket (≈3 s).
     sock = await asyncio.to_thread(stalled_client, node2.port or 0, "tess")
     try:
         await eventually(lambda: _has_connection(node1, "tess"), what="tess listed")

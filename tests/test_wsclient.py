@@ -11,6 +11,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from common import wsclient
+from common.client import FanoutClient
 
 Serve = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -107,3 +108,24 @@ async def test_nothing_listening_is_refused_and_a_silent_server_times_out() -> N
 def test_only_ws_urls_are_taken() -> None:
     with pytest.raises(ValueError, match="ws://"):
         asyncio.run(wsclient.connect("http://127.0.0.1/ws", lambda t: None))
+
+
+async def test_fanout_client_retries_a_429_and_gives_up_on_a_401(aiohttp_server: Serve) -> None:
+    async def full(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTooManyRequests()  # the user's devices are all connected
+
+    async def refused(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPUnauthorized()
+
+    app = web.Application()
+    app.router.add_get("/full", full)
+    app.router.add_get("/refused", refused)
+    server = await aiohttp_server(app)
+    base = f"ws://127.0.0.1:{server.port}"
+    async with FanoutClient([f"{base}/full"], "t", "d1", backoff=(0.01, 0.02)) as busy:
+        await asyncio.sleep(0.3)
+        assert busy.stats.failed_attempts >= 3 and busy.fatal is None, "retried, not fatal"
+    async with FanoutClient([f"{base}/refused"], "t", "d1", backoff=(0.01, 0.02)) as bad:
+        with pytest.raises(ConnectionError, match="refused 401"):
+            await bad.wait_connected(5)
+        assert bad.stats.failed_attempts == 0
