@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -9,6 +10,7 @@ import aiohttp
 import jwt
 import pytest
 
+from common import wsclient
 from tests.harness import SECRET, Client, Cluster, Proc, connect, create_session, is_type, token
 
 
@@ -109,6 +111,24 @@ async def test_oversized_frame_closes_1009(node: Proc) -> None:
         assert kim.ws.close_code == 1009
     session_id = await create_session(node, "kim")
     async with connect(node, "kim", "k1") as again:  # the node itself is fine
+        await _still_works(again, session_id)
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_1007(node: Proc) -> None:
+    got: list[str] = []
+    ws = await wsclient.connect(
+        node.ws_url,
+        got.append,
+        params={"device_id": "u1"},
+        headers={"Authorization": f"Bearer {token('uli')}"},
+    )
+    async with asyncio.timeout(5):
+        while not got:  # the welcome
+            await asyncio.sleep(0.01)
+        ws.send_text(b'{"type":"ping","x":"\xff\xfe"}')  # bytes no UTF-8 decoder takes
+        assert await ws.wait_closed() == 1007
+    session_id = await create_session(node, "uli")
+    async with connect(node, "uli", "u1") as again:  # the node itself is fine
         await _still_works(again, session_id)
 
 
