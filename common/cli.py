@@ -152,12 +152,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_worker(settings)
         elif args.command == "migrate":
-            from common.schema import migrate_sync
+            from common.store.schema import migrate_sync
 
             applied = migrate_sync(settings.database_url)
             print(f"schema up to date (applied: {', '.join(map(str, applied)) or 'none'})")
         elif args.command == "up":
-            from common.localcluster import main as run_up
+            from common.localcluster.up import main as run_up
 
             run_up(
                 settings,
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
             )
         elif args.command == "loadtest":
-            from common.loadtest import main as run_loadtest
+            from common.loadtest.run import main as run_loadtest
 
             run_loadtest(args, settings)
     except ConfigError as exc:

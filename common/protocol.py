@@ -3,7 +3,7 @@
 Server frames are built as dicts and encoded once with orjson; the same bytes are
 then written to every socket that receives them. Frames that carry a per-user seq
 are published *without* their leading ``{`` so that the Redis delivery script can
-prepend ``{"seq":N,`` atomically (see common/bus.py).
+prepend ``{"seq":N,`` atomically (see common/transport/bus.py).
 """
 
 from __future__ import annotations

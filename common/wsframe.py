@@ -3,7 +3,7 @@
 A frame is a 2-10 byte header (FIN + opcode, then the payload length in 7, 16 or 64
 bits, with the mask bit for client frames) and the payload. A server's frames are
 unmasked, so a frame's bytes depend on the payload alone: `text_frame` is computed once
-per message and the same bytes go to every socket (node/hub.py).
+per message and the same bytes go to every socket (node/delivery/hub.py).
 """
 
 from __future__ import annotations

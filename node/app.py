@@ -11,25 +11,26 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.auth import TokenVerifier
-from common.bus import Bus, connect_redis
 from common.config import Settings
 from common.gcpause import freeze_startup_objects
-from common.keys import Keys
 from common.protocol import CloseCode
-from common.resp import command_connection
 from common.runtime import raise_if_cancelled
-from common.sessions import SessionDirectory
-from common.store import Store
-from node import admin, api
-from node.control import listening_for_commands
-from node.hub import Hub
+from common.store.postgres import Store
+from common.store.sessions import SessionDirectory
+from common.transport.bus import Bus, connect_redis
+from common.transport.connection import command_connection
+from common.transport.keys import Keys
+from node.delivery.control import listening_for_commands
+from node.delivery.hub import Hub
+from node.delivery.subscriber import open_subscriber
+from node.http import admin, health, sessions
+from node.http.base import api_errors
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
-from node.sockets import depart_all
 from node.state import STATE, NodeState
 from node.stats import NodeStats
-from node.subscriber import open_subscriber
-from node.ws import websocket
+from node.ws.socket import depart_all
+from node.ws.upgrade import websocket
 
 log = logging.getLogger("fanout.node")
 
@@ -42,11 +43,12 @@ DEPART_WITHIN = 2.0
 def create_app(settings: Settings) -> web.Application:
     """A node app; its resources open on startup and close on cleanup."""
     settings.require_jwt()
-    app = web.Application(middlewares=[api.api_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[api_errors], client_max_size=1024 * 1024)
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket)
-    api.add_routes(app)
+    sessions.add_routes(app)
+    health.add_routes(app)
     admin.add_routes(app)
     return app
 
@@ -160,7 +162,7 @@ async def drain(app: web.Application, within: float) -> None:
     # Polled: a socket leaves the hub by callback, there is no event to await. A peer
     # answers a close in milliseconds; one that has not within PEER_CLOSE_GRACE is not
     # reading now, and waiting longer keeps the node from stopping: the cleanup ends
-    # it (its 1001 was written, the end of the stream follows; node.sockets.depart_all).
+    # it (its 1001 was written, the end of the stream follows; node.ws.socket.depart_all).
     for _ in range(int(min(within, PEER_CLOSE_GRACE) / DRAIN_POLL)):
         if next(state.hub.connections(), None) is None:
             return

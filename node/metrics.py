@@ -25,9 +25,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.keys import Keys
 from common.protocol import Chat, ClientFrame, Ping, Read, Typing
-from common.queues import queue_depths
+from common.transport.keys import Keys
+from common.transport.queues import queue_depths
 
 # Real-time buckets: 100 µs to 5 s.
 LATENCY_BUCKETS = (

@@ -19,8 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.resp import RespConnection, run_script
+from common.transport.connection import RespConnection, run_script
+from common.transport.keys import Keys
 
 # KEYS: devices zset, device->connection hash
 # ARGV: device, holder, now ms, expires ms, max devices, key ttl s

@@ -9,15 +9,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.auth import TokenVerifier
-from common.bus import Bus
 from common.config import Settings
-from common.keys import Keys
-from common.sessions import SessionDirectory
-from common.store import Store
-from node.connection import ConnectionHooks
-from node.hub import Hub
+from common.store.postgres import Store
+from common.store.sessions import SessionDirectory
+from common.transport.bus import Bus
+from common.transport.keys import Keys
+from node.delivery.hub import Hub
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
+from node.ws.connection import ConnectionHooks
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class NodeState:
     started_at: float = field(default=0.0)
     # Shared by every connection (bound methods made once, not per socket).
     connection_hooks: ConnectionHooks = field(init=False)
-    # Sockets that went away and are being released (node.ws): the app's cleanup waits.
+    # Sockets that went away and are being released (node.ws.upgrade): the app's cleanup waits.
     departing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:

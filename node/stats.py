@@ -1,6 +1,6 @@
 """A node's stats writer: its numbers, its connection list and (as historian) the history.
 
-Every FANOUT_STATS_INTERVAL the node writes its stats entry (common/stats.py) and
+Every FANOUT_STATS_INTERVAL the node writes its stats entry (common/transport/stats.py) and
 the changes to its connection hash (connection id -> user, device, since; read by
 /admin/connections). Both expire after FANOUT_LEASE_TTL unless refreshed, so a
 dead node vanishes from the cluster view. The node that holds the historian lease
@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from common.lease import Leases
-from common.queues import queue_depths
-from common.stats import (
+from common.transport.lease import Leases
+from common.transport.queues import queue_depths
+from common.transport.stats import (
     NODE,
     WORKER,
     Rates,

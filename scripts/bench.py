@@ -5,7 +5,7 @@
 
 It starts each cluster itself on this machine (nodes, 2 workers for fanout), in a
 Redis namespace and a Postgres database of its own (the services at the default
-addresses, or embedded ones: common/embedded.py), and drives it with `fanout
+addresses, or embedded ones: common/localcluster/embedded.py), and drives it with `fanout
 loadtest` (500 users x 2 devices, 64-byte payloads by default):
 
 - fanout at the maximum rate, `user` and `pattern` subscription modes, 1, 2 and 4 nodes,
@@ -42,8 +42,8 @@ from bench_cluster import clear_namespace, drop_database, loadtest, running  # n
 from bench_plan import Result, Scenario, Spec, plan  # noqa: E402
 from bench_table import machine, tables  # noqa: E402
 
-from common.embedded import local_services  # noqa: E402
-from common.schema import migrate_sync  # noqa: E402
+from common.localcluster.embedded import local_services  # noqa: E402
+from common.store.schema import migrate_sync  # noqa: E402
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES = "postgresql://127.0.0.1:5432/postgres"

@@ -6,7 +6,7 @@ chat (its reply included): CPU of this process (the worker's side: asyncpg, the 
 loop, the system calls of each round trip), CPU of the Postgres backends serving it
 (read from /proc, so only for a local Postgres), and wall time. With `--against DIR`
 (a tree of another revision, e.g. `git archive main | tar -x -C /tmp/main`) the runs
-alternate between that tree's `common/store_batch.py` and this one's, and medians of
+alternate between that tree's `common/store/batch.py` and this one's, and medians of
 each are printed. Creates a database of its own (dropped afterwards).
 
     .venv/bin/python -O scripts/bench_batch.py --against /tmp/main --conversations 1,4,16,128
@@ -30,9 +30,9 @@ from typing import Any
 
 from bench_cluster import drop_database
 
-from common.entries import ChatEntry
-from common.schema import migrate
-from common.store import Store
+from common.store.postgres import Store
+from common.store.schema import migrate
+from common.transport.entries import ChatEntry
 from worker.writer import BatchWriter
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -120,9 +120,9 @@ async def main() -> None:
     name = f"fanout_bench_batch_{uuid.uuid4().hex[:8]}"
     url = f"{base}/{name}"
     await migrate(url)
-    variants = {"B": load(Path(__file__).parent.parent / "common/store_batch.py", "b_batch")}
+    variants = {"B": load(Path(__file__).parent.parent / "common/store/batch.py", "b_batch")}
     if args.against is not None:
-        variants["A"] = load(args.against / "common/store_batch.py", "a_batch")
+        variants["A"] = load(args.against / "common/store/batch.py", "a_batch")
     try:
         print("conversations variant client_us postgres_us wall_us requests/batch")
         for conversations in map(int, args.conversations.split(",")):

@@ -21,8 +21,8 @@ import uuid
 
 import asyncpg
 
-from common.schema import migrate
-from common.store import Store
+from common.store.postgres import Store
+from common.store.schema import migrate
 
 CHUNK = 100_000
 

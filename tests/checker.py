@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.bus import Bus, connect_redis
-from common.client import FanoutClient
+from common.client.fanout import FanoutClient
 from common.config import Settings
 from common.protocol import encode
+from common.transport.bus import Bus, connect_redis
 from tests.harness import token
 
 

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.config import Settings
-from common.embedded import Services, local_services
-from common.schema import migrate
+from common.localcluster.embedded import Services, local_services
+from common.store.schema import migrate
 from tests.harness import ROOT, SECRET, Cluster
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"

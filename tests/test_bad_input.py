@@ -10,7 +10,7 @@ import aiohttp
 import jwt
 import pytest
 
-from common import wsclient
+from common.client import websocket as wsclient
 from tests.harness import SECRET, Client, Cluster, Proc, connect, create_session, is_type, token
 
 

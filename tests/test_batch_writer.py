@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from common.entries import ChatEntry
-from common.store import Store
-from common.store_batch import ReplyWrite
+from common.store.batch import ReplyWrite
+from common.store.postgres import Store
+from common.transport.entries import ChatEntry
 from worker.writer import BatchWriter
 
 

@@ -12,15 +12,15 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import Bus
 from common.config import Settings
-from common.entries import ChatEntry
-from common.keys import Keys
-from common.lifecycle import Refused
-from common.resp import command_connection
-from common.sessions import SessionChanges, SessionDirectory
-from common.store import Store
-from common.store_batch import ReplyWrite, write_batch
+from common.store.batch import ReplyWrite, write_batch
+from common.store.lifecycle import Refused
+from common.store.postgres import Store
+from common.store.sessions import SessionChanges, SessionDirectory
+from common.transport.bus import Bus
+from common.transport.connection import command_connection
+from common.transport.entries import ChatEntry
+from common.transport.keys import Keys
 from worker.writer import BatchWriter
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from common.bus import Bus
 from common.config import Settings
-from common.resp import command_connection
+from common.transport.bus import Bus
+from common.transport.connection import command_connection
 
 
 async def test_deliver_assigns_seqs_once_and_survives_a_script_flush(

@@ -9,8 +9,8 @@ from collections import defaultdict
 import asyncpg
 import redis.asyncio as aioredis
 
-from common.entries import ChatEntry
-from common.keys import Keys, partition_of
+from common.transport.entries import ChatEntry
+from common.transport.keys import Keys, partition_of
 from tests.harness import (
     Client,
     Cluster,

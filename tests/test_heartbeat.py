@@ -1,4 +1,4 @@
-"""The node's own heartbeat (node.timers.Heartbeat): a peer that answers pings stays."""
+"""The node's own heartbeat (node.ws.timers.Heartbeat): a peer that answers pings stays."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import yaml  # type: ignore[import-untyped]
 
 from common.cli import _parser
 from common.config import ConfigError, Settings
-from common.keys import CONSUMER_GROUP, Keys
+from common.transport.keys import CONSUMER_GROUP, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

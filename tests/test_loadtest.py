@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from common.bus import Bus, connect_redis
 from common.config import Settings
-from common.loadtest import run
-from common.loadtest_fleet import LoadConfig
-from common.loadtest_report import LatencyHistogram, SeqRanges
+from common.loadtest.fleet import LoadConfig
+from common.loadtest.report import LatencyHistogram, SeqRanges
+from common.loadtest.run import run
+from common.transport.bus import Bus, connect_redis
 from tests.harness import ROOT, SECRET, Cluster
 
 # --- pure bookkeeping ------------------------------------------------------------------

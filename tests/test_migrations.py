@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from common import schema
-from common.embedded import Services
-from common.entries import ChatEntry
-from common.store import Store
-from common.store_batch import write_batch
+from common.localcluster.embedded import Services
+from common.store import schema
+from common.store.batch import write_batch
+from common.store.postgres import Store
+from common.transport.entries import ChatEntry
 from tests.harness import ROOT, Cluster
 
 LATEST = [version for version, _ in schema.MIGRATIONS]
@@ -87,7 +87,9 @@ async def test_an_old_database_is_upgraded_and_keeps_its_messages(
 
 
 async def test_several_processes_migrating_at_once_agree(fresh_url: str) -> None:
-    script = f"import json, common.schema as s; print(json.dumps(s.migrate_sync({fresh_url!r})))"
+    script = (
+        f"import json, common.store.schema as s; print(json.dumps(s.migrate_sync({fresh_url!r})))"
+    )
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.keys import Keys
+from common.transport.keys import Keys
 from tests.harness import ROOT, Client, Cluster, Proc, connect, create_session, is_type, token
 
 INTERVAL = "0.2"  # FANOUT_STATS_INTERVAL of these tests' processes

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.embedded import embedded_postgres
-from common.schema import migrate
+from common.localcluster.embedded import embedded_postgres
+from common.store.schema import migrate
 from tests.harness import (
     Client,
     Cluster,

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.resp import RespConnection, address_of
+from common.transport.connection import RespConnection, address_of
+from common.transport.keys import Keys
 from node.presence import RENEW_CHUNK, DeviceRegistry
 
 LEASE = 10.0

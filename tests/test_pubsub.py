@@ -7,8 +7,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from common.embedded import Services
-from common.pubsub import Subscriber
+from common.localcluster.embedded import Services
+from common.transport.pubsub import Subscriber
 
 
 async def test_a_subscriber_without_channels_answers_its_pings(services: Services) -> None:

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.crc import key_slot
 
-from common.embedded import stop_process
-from common.keys import Keys
+from common.localcluster.embedded import stop_process
+from common.transport.keys import Keys
 from tests.checker import Flow, check, devices
 from tests.harness import Cluster, connect, create_session, free_port, is_type
 

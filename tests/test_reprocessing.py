@@ -14,14 +14,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import Bus
 from common.config import Settings
-from common.entries import ChatEntry
-from common.keys import Keys
-from common.resp import command_connection
-from common.sessions import SessionDirectory
-from common.store import Store
-from worker.assistant import EchoAssistant
+from common.store.postgres import Store
+from common.store.sessions import SessionDirectory
+from common.transport.bus import Bus
+from common.transport.connection import command_connection
+from common.transport.entries import ChatEntry
+from common.transport.keys import Keys
+from worker.assistant.echo import EchoAssistant
 from worker.processor import ChatProcessor
 
 

@@ -9,7 +9,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from common.resp import RespConnection, address_from_url, address_of, auth_command, pack
+from common.transport.connection import (
+    RespConnection,
+    address_from_url,
+    address_of,
+    auth_command,
+    pack,
+)
 from tests.proxy import CuttableProxy
 
 

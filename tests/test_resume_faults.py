@@ -12,10 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.bus import Bus
 from common.config import Settings
-from common.embedded import Services
+from common.localcluster.embedded import Services
 from common.protocol import encode
+from common.transport.bus import Bus
 from tests.checker import Flow, check, devices
 from tests.harness import Cluster, Proc, connect, create_session, is_type, token
 from tests.proxy import CuttableProxy

@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from common.lifecycle import SETTABLE, STATUSES, can_change
+from common.store.lifecycle import SETTABLE, STATUSES, can_change
 from tests.harness import Cluster, Proc, connect, create_session, is_type, messages_in_db, token
 
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
+from common.transport.keys import Keys
 from tests.harness import Client, Cluster, connect, create_session, is_type
 from tests.test_sessions_api import db_row, patch
 

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.bus import Bus, connect_redis
 from common.config import Settings
-from common.entries import ChatEntry
-from common.keys import Keys
-from common.lifecycle import SETTABLE, Refused
-from common.sessions import SessionChanges, SessionDirectory
-from common.store import Store
+from common.store.lifecycle import SETTABLE, Refused
+from common.store.postgres import Store
+from common.store.sessions import SessionChanges, SessionDirectory
+from common.transport.bus import Bus, connect_redis
+from common.transport.entries import ChatEntry
+from common.transport.keys import Keys
 from worker.writer import BatchWriter
 
 OPEN = {"pending", "running", "paused"}

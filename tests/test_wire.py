@@ -1,4 +1,4 @@
-"""The socket after its take-over from aiohttp (node/wire.py): handshakes, order, release."""
+"""The socket after its take-over from aiohttp (node/ws/wire.py): handshakes, order, release."""
 
 from __future__ import annotations
 

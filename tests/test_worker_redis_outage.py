@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from common.embedded import Services
+from common.localcluster.embedded import Services
 from tests.harness import Cluster, Proc, connect, create_session, is_type, messages_in_db
 from tests.proxy import CuttableProxy
 

@@ -1,4 +1,4 @@
-"""common/wsclient.py against a real aiohttp WebSocket server over loopback."""
+"""common/client/websocket.py against a real aiohttp WebSocket server over loopback."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from common import wsclient
-from common.client import FanoutClient
+from common.client import websocket as wsclient
+from common.client.fanout import FanoutClient
 
 Serve = Callable[[web.Application], Awaitable[TestServer]]
 

@@ -25,10 +25,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from common.config import Settings
-from common.entries import BadEntry, ChatEntry
 from common.errors import SERVICE_DOWN
-from common.keys import CONSUMER_GROUP, Keys
-from common.resp import RespConnection, address_of
+from common.transport.connection import RespConnection, address_of
+from common.transport.entries import BadEntry, ChatEntry
+from common.transport.keys import CONSUMER_GROUP, Keys
 from worker.outage import Backoff, OutageLog
 from worker.processor import ChatProcessor
 

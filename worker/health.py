@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
@@ -19,17 +18,15 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from worker.main import Worker
-    from worker.stats import WorkerStats
+from worker.stats import WorkerStats, WorkerView
 
-WORKER: web.AppKey[Worker] = web.AppKey("worker")
+WORKER: web.AppKey[WorkerView] = web.AppKey("worker")
 
 
 class WorkerCollector(Collector):
     """A worker's numbers, read at scrape time from the worker and its stats writer."""
 
-    def __init__(self, worker: Worker, stats: WorkerStats) -> None:
+    def __init__(self, worker: WorkerView, stats: WorkerStats) -> None:
         self._worker = worker
         self._stats = stats
 
@@ -79,7 +76,7 @@ class WorkerCollector(Collector):
         yield depth
 
 
-def health_app(worker: Worker, stats: WorkerStats) -> web.Application:
+def health_app(worker: WorkerView, stats: WorkerStats) -> web.Application:
     """The worker's probe and metrics endpoints."""
     app = web.Application()
     app[WORKER] = worker
@@ -95,7 +92,7 @@ def health_app(worker: Worker, stats: WorkerStats) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         checks = {"redis": "ok", "postgres": "ok"}
         results = await asyncio.gather(
-            asyncio.wait_for(worker._redis.ping(), 2),
+            asyncio.wait_for(worker.redis.ping(), 2),
             asyncio.wait_for(worker.store.ping(), 2),
             return_exceptions=True,
         )

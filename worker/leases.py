@@ -13,8 +13,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.lease import Leases
+from common.transport.keys import Keys
+from common.transport.lease import Leases
 
 
 class PartitionLeases:

@@ -10,16 +10,17 @@ import time
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common.bus import Bus, connect_redis
 from common.config import ConfigError, Settings
 from common.gcpause import freeze_startup_objects
-from common.keys import Keys
-from common.resp import RespConnection, command_connection
 from common.runtime import run, setup_logging, stop_event
-from common.schema import missing_migrations
-from common.sessions import SessionChanges, SessionDirectory
-from common.store import Store
-from worker.assistant import EchoAssistant, ReplyGenerator
+from common.store.postgres import Store
+from common.store.schema import missing_migrations
+from common.store.sessions import SessionChanges, SessionDirectory
+from common.transport.bus import Bus, connect_redis
+from common.transport.connection import RespConnection, command_connection
+from common.transport.keys import Keys
+from worker.assistant.base import ReplyGenerator
+from worker.assistant.echo import EchoAssistant
 from worker.consumer import PartitionConsumer
 from worker.health import health_app
 from worker.leases import PartitionLeases
@@ -72,6 +73,11 @@ class Worker:
         # Set when a consumer returns, so its partition is released without waiting a cycle.
         self._wake = asyncio.Event()
         self.started_at = time.time()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The worker's redis-py client (health checks, leases, stats)."""
+        return self._redis
 
     def _set_health(self, ok: bool) -> None:
         self.healthy = ok

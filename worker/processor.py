@@ -13,14 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from common.bus import Bus
-from common.entries import ChatEntry
-from common.lifecycle import takes_assistant_reply
 from common.protocol import encode
-from common.sessions import SessionChanges, SessionDirectory
-from common.store import MessageRecord, SessionRecord, Store
-from common.store_batch import ReplyWrite
-from worker.assistant import ReplyGenerator
+from common.store.batch import ReplyWrite
+from common.store.lifecycle import takes_assistant_reply
+from common.store.postgres import MessageRecord, SessionRecord, Store
+from common.store.sessions import SessionChanges, SessionDirectory
+from common.transport.bus import Bus
+from common.transport.entries import ChatEntry
+from worker.assistant.base import ReplyGenerator
 from worker.writer import BatchWriter
 
 log = logging.getLogger("fanout.worker")

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.queues import queue_depths
-from common.stats import WORKER, Rates, StatsWriter, stats_writes
-
-if TYPE_CHECKING:
-    from worker.consumer import PartitionConsumer
-    from worker.main import Worker
+from common.config import Settings
+from common.store.postgres import Store
+from common.transport.keys import Keys
+from common.transport.queues import queue_depths
+from common.transport.stats import WORKER, Rates, StatsWriter, stats_writes
+from worker.consumer import PartitionConsumer
+from worker.leases import PartitionLeases
+from worker.processor import ChatProcessor
 
 log = logging.getLogger("fanout.worker")
 
@@ -43,10 +45,26 @@ class ConsumerTally:
         self._seen = {c: (c.failures, c.dead_lettered) for c in current}
 
 
+class WorkerView(Protocol):
+    """What the stats writer and the health server read of a running worker."""
+
+    settings: Settings
+    started_at: float
+    store: Store
+    leases: PartitionLeases
+    processor: ChatProcessor
+    consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]]
+    healthy: bool
+    draining: bool
+
+    @property
+    def redis(self) -> aioredis.Redis: ...
+
+
 class WorkerStats(StatsWriter):
     """The worker's stats: partitions, processed/s, failures, queue depth."""
 
-    def __init__(self, worker: Worker, redis: aioredis.Redis) -> None:
+    def __init__(self, worker: WorkerView, redis: aioredis.Redis) -> None:
         settings = worker.settings
         super().__init__(
             WORKER,

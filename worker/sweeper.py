@@ -18,9 +18,9 @@ import time
 import orjson
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.lease import Leases
-from common.sessions import SessionChanges
+from common.store.sessions import SessionChanges
+from common.transport.keys import Keys
+from common.transport.lease import Leases
 
 log = logging.getLogger("fanout.sweeper")
 

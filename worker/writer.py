@@ -3,7 +3,7 @@
 Every conversation task asks the `BatchWriter` to store its message and waits for
 the answer. Requests that arrive while a flush is running (or in the same loop turn
 as the first) wait for the next flush, which takes them all, up to `max_batch`, in
-one transaction (common/store_batch.py). At low load a request is flushed at once,
+one transaction (common/store/batch.py). At low load a request is flushed at once,
 alone; under load a flush carries many, and the cost per message falls.
 
 One bad request must not fail the others: when a batch fails with anything but an
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from common.entries import ChatEntry
 from common.errors import SERVICE_DOWN
-from common.store import MessageRecord, Store
-from common.store_batch import ChatWritten, ReplyWrite, write_batch
+from common.store.batch import ChatWritten, ReplyWrite, write_batch
+from common.store.postgres import MessageRecord, Store
+from common.transport.entries import ChatEntry
 
 log = logging.getLogger("fanout.worker")
 

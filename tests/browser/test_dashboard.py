@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from common.keys import Keys
+from common.transport.keys import Keys
 from tests.browser.cdp import browser_page, find_chromium
 from tests.harness import ROOT, Cluster, connect, create_session
 from tests.test_ops import ADMIN, INTERVAL, TTL, chatting, stalled_client

@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from common.keys import Keys
-from node.hub import Hub
+from common.transport.keys import Keys
+from node.delivery.hub import Hub
 
 KEYS = Keys("")
 

@@ -1,4 +1,4 @@
-"""The session state machine (common/lifecycle.py) against a model written from SPEC §5."""
+"""The session state machine (common/store/lifecycle.py) against a model written from SPEC §5."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from common import lifecycle
-from common.lifecycle import FINAL, OPEN, SETTABLE, STATUSES
+from common.store import lifecycle
+from common.store.lifecycle import FINAL, OPEN, SETTABLE, STATUSES
 
 # SPEC §5, edge by edge: pending -> running (first message, or PATCH) <-> paused;
 # pending/running/paused -> completed | cancelled | failed; non-final -> expired.

@@ -7,7 +7,6 @@ import uuid
 import orjson
 import pytest
 
-from common.keys import Keys, partition_of
 from common.protocol import (
     Chat,
     ErrorCode,
@@ -20,6 +19,7 @@ from common.protocol import (
     seq_of,
     skip_device,
 )
+from common.transport.keys import Keys, partition_of
 
 SID = str(uuid.uuid4())
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from node.sockets import _Refusals
+from node.ws.socket import _Refusals
 
 
 def test_an_outage_logs_one_line_a_second(caplog: pytest.LogCaptureFixture) -> None:

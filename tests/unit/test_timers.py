@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from node.timers import Heartbeat, TokenExpiry
+from node.ws.timers import Heartbeat, TokenExpiry
 
 
 class FakeConn:

@@ -1,4 +1,4 @@
-"""node/wire.py: frame headers (RFC 6455 §5.2) and the aiohttp internals the take-over uses."""
+"""node/ws/wire.py: frame headers (RFC 6455 §5.2) and the aiohttp internals the take-over uses."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_frame_header_lengths() -> None:
 
 
 def test_aiohttp_internals_the_take_over_needs() -> None:
-    # Pinned with aiohttp's version: if one goes, node/wire.py must change with it.
+    # Pinned with aiohttp's version: if one goes, node/ws/wire.py must change with it.
     assert "feed_data" in dir(WebSocketDataQueue)
     assert "feed_data" in dir(WebSocketReader)
     assert "transport" in dir(RequestHandler) and "connection_lost" in dir(RequestHandler)

@@ -1,4 +1,4 @@
-"""common/wsclient.py's frame parser and handshake, fed bytes through a recording transport."""
+"""The client's WebSocket frame parser and handshake, fed bytes through a recording transport."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common import wsclient
-from common.wsclient import HandshakeError, WebSocket, accept_key
+from common.client import websocket as wsclient
+from common.client.websocket import HandshakeError, WebSocket, accept_key
 from common.wsframe import mask
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="

@@ -1,0 +1,397 @@
+"""Cluster stats in Redis (SPEC §7): what every process writes, and the cluster view read back.
+
+Each node and worker writes its latest stats as one JSON string with a TTL of
+FANOUT_LEASE_TTL, and its id into a sorted set scored by when that entry expires. A
+process that dies stops refreshing both, so it drops out of the view within the TTL;
+one that stops cleanly removes itself at once. One node at a time (the historian)
+also appends the cluster totals to a stream trimmed to the last minutes, so a
+dashboard opened now can draw the minutes before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Self
+
+import orjson
+import redis.asyncio as aioredis
+
+from common.gcpause import GcPauses
+from common.runtime import raise_if_cancelled
+from common.transport.keys import Keys
+
+log = logging.getLogger("fanout.stats")
+
+NODE = "node"
+WORKER = "worker"
+# Processes of one kind read back (a bound on one read, far above a real cluster).
+MAX_PROCESSES = 1000
+# Seconds one stats write may take before it is abandoned (and logged).
+TICK_TIMEOUT = 5.0
+HISTORY_SECONDS = 600
+# Points returned by one history read (10 minutes at a 0.2 s interval).
+MAX_HISTORY_POINTS = 3000
+# Fields of a history point: the cluster totals the dashboard charts.
+HISTORY_FIELDS = (
+    "connections",
+    "users",
+    "messages_in_per_s",
+    "messages_out_per_s",
+    "latency_p99_ms",
+    "queue_depth",
+    "processed_per_s",
+    "nodes",
+    "workers",
+)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (the unit of every stats timestamp and expiry)."""
+    return int(time.time() * 1000)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LoopLag:
+    """Event-loop lag: how late a short sleep wakes up, worst case since the last `take`."""
+
+    PERIOD = 0.05
+
+    def __init__(self) -> None:
+        self._worst = 0.0
+
+    async def run(self) -> None:
+        """Sample until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.PERIOD)
+            self._worst = max(self._worst, loop.time() - start - self.PERIOD)
+
+    def take(self) -> float:
+        """The worst lag (seconds) since the last call; starts over."""
+        worst, self._worst = self._worst, 0.0
+        return max(worst, 0.0)
+
+
+class Rates:
+    """Per-second rates of cumulative counters between consecutive samples."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._at = time.monotonic()
+
+    def per_second(self, counts: dict[str, float]) -> dict[str, float]:
+        """Each counter's increase per second since the last call (0 on the first)."""
+        now = time.monotonic()
+        elapsed = max(now - self._at, 1e-6)
+        rates = {
+            name: round(max(value - self._last.get(name, value), 0) / elapsed, 2)
+            for name, value in counts.items()
+        }
+        self._last, self._at = dict(counts), now
+        return rates
+
+
+class ProcessSampler:
+    """The fields every process reports: identity, uptime, memory, loop lag, Redis RTT."""
+
+    def __init__(self, kind: str, process_id: str, interval: float) -> None:
+        self.kind = kind
+        self.process_id = process_id
+        self.interval = interval
+        self.started_at = time.time()
+        self.lag = LoopLag()
+        self.gc = GcPauses()
+
+    async def sample(self, redis: aioredis.Redis) -> dict[str, Any]:
+        """The common fields, with a fresh Redis round trip and the loop lag since last time."""
+        started = time.perf_counter()
+        await redis.ping()
+        rtt = time.perf_counter() - started
+        return {
+            "id": self.process_id,
+            "kind": self.kind,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": round(self.started_at, 3),
+            "updated_at": now_ms(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "interval_s": self.interval,
+            "redis_rtt_ms": round(rtt * 1000, 3),
+            "loop_lag_ms": round(self.lag.take() * 1000, 3),
+            "gc_pause_ms": self.gc.take(),
+            "rss_bytes": rss_bytes(),
+        }
+
+
+class StatsWriter:
+    """Owns a process's stats tasks: `async with` starts them, leaving removes its entry.
+
+    Subclasses write their numbers in `tick` (every FANOUT_STATS_INTERVAL) and may let
+    go of more in `on_stop`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        process_id: str,
+        interval: float,
+        started_at: float,
+        redis: aioredis.Redis,
+        keys: Keys,
+    ) -> None:
+        self._kind = kind
+        self._process_id = process_id
+        self._interval = interval
+        self._redis = redis
+        self._keys = keys
+        self._sampler = ProcessSampler(kind, process_id, interval)
+        self._sampler.started_at = started_at
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        self._sampler.gc.__enter__()
+        self._tasks = [
+            asyncio.create_task(self._sampler.lag.run(), name="loop-lag"),
+            asyncio.create_task(
+                report_every(self._interval, self.tick, self._kind), name=f"{self._kind}-stats"
+            ),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sampler.gc.__exit__()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            async with asyncio.timeout(2):
+                await remove_stats(self._redis, self._keys, self._kind, self._process_id)
+                await self.on_stop()
+        except Exception as exc:  # the entries expire by themselves within the TTL
+            log.warning("stats not removed at stop (%s); they expire within the TTL", exc)
+
+    async def tick(self) -> None:
+        """One stats write."""
+        raise NotImplementedError
+
+    async def on_stop(self) -> None:
+        """Anything else to give up at a clean stop."""
+
+
+async def report_every(interval: float, tick: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `tick` every `interval` until cancelled; a failure is logged once per outage."""
+    failing = False
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            # A stalled Redis must not stall the writer for good: give up and try again.
+            async with asyncio.timeout(max(interval * 5, TICK_TIMEOUT)):
+                await tick()
+            if failing:
+                log.info("%s: writing stats again", what)
+            failing = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not failing:
+                log.warning("%s: stats not written (%s); retrying every %.1fs", what, exc, interval)
+            failing = True
+        raise_if_cancelled()
+        await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
+
+
+def queue_stats(
+    depths: dict[int, int], owners: Sequence[bytes | str | None] | None = None
+) -> dict[str, Any]:
+    """The `queue` object of /admin/stats: total depth and one entry per partition."""
+    partitions = []
+    for partition, depth in sorted(depths.items()):
+        entry: dict[str, Any] = {"partition": partition, "depth": depth}
+        if owners is not None:
+            owner = owners[partition] if partition < len(owners) else None
+            entry["owner"] = owner.decode() if isinstance(owner, bytes) else owner
+        partitions.append(entry)
+    return {"depth": sum(depths.values()), "partitions": partitions}
+
+
+# -- writing and reading ------------------------------------------------------------------
+
+
+def stats_writes(
+    pipe: Any, keys: Keys, record: dict[str, Any], ttl: float, index_ttl: float
+) -> None:
+    """Queue on a pipeline the commands that publish one process's record."""
+    expires = now_ms() + int(ttl * 1000)
+    index = keys.stats_index(record["kind"])
+    pipe.set(keys.stats(record["kind"], record["id"]), orjson.dumps(record), px=int(ttl * 1000))
+    pipe.zadd(index, {record["id"]: expires})
+    pipe.zremrangebyscore(index, "-inf", now_ms())
+    pipe.pexpire(index, int(index_ttl * 1000))
+
+
+async def remove_stats(redis: aioredis.Redis, keys: Keys, kind: str, process_id: str) -> None:
+    """A clean stop: leave the cluster view at once rather than after the TTL."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.stats(kind, process_id))
+        pipe.zrem(keys.stats_index(kind), process_id)
+        if kind == NODE:
+            pipe.delete(keys.node_connections(process_id))
+        await pipe.execute()
+
+
+async def read_processes(redis: aioredis.Redis, keys: Keys, kind: str) -> list[dict[str, Any]]:
+    """The live processes of a kind, by id (entries past their TTL are not returned)."""
+    ids: list[bytes] = await redis.zrangebyscore(  # type: ignore[assignment]
+        keys.stats_index(kind), now_ms(), "+inf", start=0, num=MAX_PROCESSES
+    )
+    if not ids:
+        return []
+    raw: list[Any] = await redis.mget([keys.stats(kind, i.decode()) for i in ids])
+    records = []
+    for value in raw:
+        if value is None:
+            continue  # expired between the two reads
+        with contextlib.suppress(orjson.JSONDecodeError):
+            record = orjson.loads(value)
+            if isinstance(record, dict):
+                records.append(record)
+    return sorted(records, key=lambda r: str(r.get("id")))
+
+
+# -- the cluster view ---------------------------------------------------------------------
+
+
+def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile of a bucketed distribution, interpolated within its bucket.
+
+    `counts` has one entry per bound plus the +Inf bucket; like Prometheus'
+    histogram_quantile, a quantile in the +Inf bucket is the highest finite bound.
+    """
+    total = sum(counts)
+    if total <= 0 or not bounds:
+        return None
+    rank = q * total
+    below = 0
+    for i, count in enumerate(counts):
+        if count and below + count >= rank:
+            if i >= len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i > 0 else 0.0
+            return lower + (bounds[i] - lower) * (rank - below) / count
+        below += count
+    return bounds[-1]
+
+
+def merge_counts(rows: Iterable[Sequence[int]]) -> list[int]:
+    """Bucket counts of several histograms added up, bucket by bucket."""
+    merged: list[int] = []
+    for row in rows:
+        if len(merged) < len(row):
+            merged.extend([0] * (len(row) - len(merged)))
+        for i, count in enumerate(row):
+            merged[i] += int(count)
+    return merged
+
+
+def _sum(records: list[dict[str, Any]], field: str) -> float:
+    total = 0.0
+    for record in records:
+        value = record.get(field)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total += value
+    return round(total, 2)
+
+
+def _max(records: list[dict[str, Any]], field: str) -> float | None:
+    values = [r[field] for r in records if isinstance(r.get(field), int | float)]
+    return max(values) if values else None
+
+
+def summarize(
+    nodes: list[dict[str, Any]], workers: list[dict[str, Any]], queue_depth: int
+) -> dict[str, Any]:
+    """Cluster totals: sums of the per-process numbers, worst-case lags, merged p99."""
+    bounds: list[float] = next(
+        (n["latency_bounds"] for n in nodes if isinstance(n.get("latency_bounds"), list)), []
+    )
+    merged = merge_counts(
+        n["latency_counts"]
+        for n in nodes
+        if isinstance(n.get("latency_counts"), list) and n.get("latency_bounds") == bounds
+    )
+    p99 = quantile(bounds, merged, 0.99)
+    processes = nodes + workers
+    return {
+        "nodes": len(nodes),
+        "workers": len(workers),
+        "draining_nodes": sum(1 for n in nodes if n.get("draining")),
+        "draining_workers": sum(1 for w in workers if w.get("draining")),
+        "connections": int(_sum(nodes, "connections")),
+        "users": int(_sum(nodes, "users")),
+        "messages_in_per_s": _sum(nodes, "messages_in_per_s"),
+        "messages_out_per_s": _sum(nodes, "messages_out_per_s"),
+        "deliveries_per_s": _sum(nodes, "deliveries_per_s"),
+        "drops_total": int(_sum(nodes, "drops_total")),
+        "slow_consumer_closes_total": int(_sum(nodes, "slow_consumer_closes_total")),
+        "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        "processed_per_s": _sum(workers, "processed_per_s"),
+        "processed_total": int(_sum(workers, "processed_total")),
+        "failures_total": int(_sum(workers, "failures_total")),
+        "partitions_owned": int(_sum(workers, "partitions_owned")),
+        "queue_depth": queue_depth,
+        "redis_rtt_ms_max": _max(processes, "redis_rtt_ms"),
+        "loop_lag_ms_max": _max(processes, "loop_lag_ms"),
+        "gc_pause_ms_max": _max(processes, "gc_pause_ms"),
+        "rss_bytes": int(_sum(processes, "rss_bytes")),
+    }
+
+
+def history_point(totals: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    """The part of the totals that the history keeps (and the dashboard charts)."""
+    return {"t": at_ms, **{field: totals.get(field) for field in HISTORY_FIELDS}}
+
+
+async def append_history(redis: aioredis.Redis, keys: Keys, point: dict[str, Any]) -> None:
+    """Append a point; points older than HISTORY_SECONDS are trimmed as new ones come."""
+    oldest = point["t"] - HISTORY_SECONDS * 1000
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(keys.stats_history, {"p": orjson.dumps(point)}, minid=oldest, approximate=True)
+        # The whole stream goes when no historian has written for a while (cluster gone).
+        pipe.expire(keys.stats_history, 2 * HISTORY_SECONDS)
+        await pipe.execute()
+
+
+async def read_history(
+    redis: aioredis.Redis, keys: Keys, seconds: float = HISTORY_SECONDS
+) -> list[dict[str, Any]]:
+    """History points of the last `seconds`, oldest first (at most MAX_HISTORY_POINTS)."""
+    since = now_ms() - int(seconds * 1000)
+    entries: Any = await redis.xrevrange(
+        keys.stats_history, max="+", min=str(since), count=MAX_HISTORY_POINTS
+    )
+    points = []
+    for _, fields in reversed(entries):
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError):
+            points.append(orjson.loads(fields[b"p"]))
+    return points

@@ -1,0 +1,1 @@
+"""Reply generators: the seam (base) and the implementations a worker can run."""

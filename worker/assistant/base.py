@@ -1,0 +1,14 @@
+"""The reply generator seam: what a worker asks of whatever writes the assistant's replies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from common.store.postgres import MessageRecord, SessionRecord
+
+
+class ReplyGenerator(Protocol):
+    """Streams an assistant reply to a user message as text chunks."""
+
+    def reply(self, session: SessionRecord, message: MessageRecord) -> AsyncIterator[str]: ...
