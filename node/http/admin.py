@@ -39,7 +39,7 @@ MAX_TITLE = 200
 MAX_NOTIFY_ID = 64
 CONNECTIONS_DEFAULT = 1000
 CONNECTIONS_MAX = 10_000
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parents[1] / "static"  # node/static
 # The page and its two assets: nothing else is served from the folder.
 ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
 # The page loads only what this node serves (no CDN, no inline script).
