@@ -6,8 +6,6 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +15,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -31,14 +28,6 @@ FLAGS = (
     "--remote-debugging-address=127.0.0.1",
     "--remote-debugging-port=0",
 )
-
-
-def find_chromium() -> str | None:
-    """The Chromium binary: $FANOUT_CHROMIUM, else the first of CANDIDATES on PATH."""
-    configured = os.environ.get("FANOUT_CHROMIUM")
-    if configured:
-        return configured if Path(configured).exists() else None
-    return next((path for name in CANDIDATES if (path := shutil.which(name))), None)
 
 
 class Page:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from common.transport.keys import Keys
-from tests.browser.cdp import browser_page, find_chromium
+from tests.browser.cdp import browser_page
+from tests.browser.conftest import find_chromium
 from tests.harness import ROOT, Cluster, connect, create_session
 from tests.test_ops import ADMIN, INTERVAL, TTL, chatting, stalled_client
 
