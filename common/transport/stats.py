@@ -33,6 +33,9 @@ NODE = "node"
 WORKER = "worker"
 # Processes of one kind read back (a bound on one read, far above a real cluster).
 MAX_PROCESSES = 1000
+# When this process started (the module is imported during start-up): uptime counts from
+# here, not from when the stats writer began, so a record is never "up 0 s" by rounding.
+PROCESS_STARTED = time.time()
 # Seconds one stats write may take before it is abandoned (and logged).
 TICK_TIMEOUT = 5.0
 HISTORY_SECONDS = 600
@@ -116,7 +119,7 @@ class ProcessSampler:
         self.kind = kind
         self.process_id = process_id
         self.interval = interval
-        self.started_at = time.time()
+        self.started_at = PROCESS_STARTED
         self.lag = LoopLag()
         self.gc = GcPauses()
 
@@ -132,7 +135,7 @@ class ProcessSampler:
             "pid": os.getpid(),
             "started_at": round(self.started_at, 3),
             "updated_at": now_ms(),
-            "uptime_s": round(time.time() - self.started_at, 1),
+            "uptime_s": round(time.time() - self.started_at, 3),
             "interval_s": self.interval,
             "redis_rtt_ms": round(rtt * 1000, 3),
             "loop_lag_ms": round(self.lag.take() * 1000, 3),
