@@ -23,8 +23,9 @@ from common.transport.keys import Keys
 from node.delivery.control import listening_for_commands
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
-from node.http import admin, health, sessions
+from node.http import admin, health, openapi, schemas, sessions
 from node.http.base import api_errors
+from node.http.routes import Route, register
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
@@ -40,16 +41,30 @@ PEER_CLOSE_GRACE = 1.0
 DEPART_WITHIN = 2.0
 
 
+WEBSOCKET = (
+    Route(
+        "GET",
+        "/ws",
+        websocket,
+        "Open the WebSocket (docs/protocol.md)",
+        ("websocket",),
+        status=101,
+        query=schemas.WebSocketQuery,
+        query_token=True,
+        errors=(403, 429),
+    ),
+)
+# Every route the node serves; openapi.table adds the document of them all.
+TABLES = (sessions.ROUTES, admin.ROUTES, health.ROUTES, WEBSOCKET)
+
+
 def create_app(settings: Settings) -> web.Application:
     """A node app; its resources open on startup and close on cleanup."""
     settings.require_jwt()
     app = web.Application(middlewares=[api_errors], client_max_size=1024 * 1024)
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_close_sockets)
-    app.router.add_get("/ws", websocket)
-    sessions.add_routes(app)
-    health.add_routes(app)
-    admin.add_routes(app)
+    register(app, *TABLES, openapi.table(*TABLES))
     return app
 
 

@@ -29,7 +29,10 @@ from common.transport.stats import (
     summarize,
 )
 from node.delivery.control import BROADCAST, DISCONNECT, command
+from node.http import schemas
 from node.http.base import ApiError, authenticate, json_response, read_body
+from node.http.routes import Route
+from node.http.schemas import CONNECTIONS_DEFAULT, CONNECTIONS_MAX
 from node.state import STATE, NodeState
 
 log = logging.getLogger("fanout.admin")
@@ -37,8 +40,6 @@ log = logging.getLogger("fanout.admin")
 LEVELS = ("info", "success", "warning", "error")
 MAX_TITLE = 200
 MAX_NOTIFY_ID = 64
-CONNECTIONS_DEFAULT = 1000
-CONNECTIONS_MAX = 10_000
 STATIC = Path(__file__).parents[1] / "static"  # node/static
 # The page and its two assets: nothing else is served from the folder.
 ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
@@ -239,7 +240,7 @@ async def dashboard_asset(request: web.Request) -> web.StreamResponse:
     """GET /dashboard/{name}: the page's script and style sheet."""
     name = request.match_info["name"]
     if name not in ASSETS:
-        raise web.HTTPNotFound()
+        raise ApiError(404, "NOT_FOUND", "no such asset")
     response = web.FileResponse(STATIC / name)
     response.content_type = ASSETS[name]
     response.headers["Cache-Control"] = "no-cache"
@@ -247,13 +248,84 @@ async def dashboard_asset(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    """Register the admin API and the dashboard on a node app."""
-    app.router.add_get("/admin/stats", cluster_stats)
-    app.router.add_get("/admin/history", history)
-    app.router.add_get("/admin/connections", connections)
-    app.router.add_post("/admin/users/{user_id}/disconnect", disconnect)
-    app.router.add_post("/admin/notify", notify)
-    app.router.add_post("/admin/broadcast", broadcast)
-    app.router.add_get("/dashboard", dashboard)
-    app.router.add_get("/dashboard/{name}", dashboard_asset)
+_ADMIN, _PAGE = ("admin",), ("dashboard",)
+ROUTES = (
+    Route(
+        "GET",
+        "/admin/stats",
+        cluster_stats,
+        "Every live node and worker, totals, queue",
+        _ADMIN,
+        auth="admin",
+        response=schemas.ClusterStats,
+    ),
+    Route(
+        "GET",
+        "/admin/history",
+        history,
+        "Cluster totals over the last minutes",
+        _ADMIN,
+        auth="admin",
+        query=schemas.HistoryQuery,
+        response=schemas.History,
+    ),
+    Route(
+        "GET",
+        "/admin/connections",
+        connections,
+        "Connections across every node",
+        _ADMIN,
+        auth="admin",
+        query=schemas.ConnectionsQuery,
+        response=schemas.Connections,
+    ),
+    Route(
+        "POST",
+        "/admin/users/{user_id}/disconnect",
+        disconnect,
+        "Close the user's sockets on every node (1008)",
+        _ADMIN,
+        auth="admin",
+        response=schemas.Disconnected,
+        errors=(400,),
+    ),
+    Route(
+        "POST",
+        "/admin/notify",
+        notify,
+        "A notification with seq to one user",
+        _ADMIN,
+        auth="admin",
+        body=schemas.Notification,
+        response=schemas.Notified,
+    ),
+    Route(
+        "POST",
+        "/admin/broadcast",
+        broadcast,
+        "A notification to every device",
+        _ADMIN,
+        auth="admin",
+        body=schemas.Broadcast,
+        response=schemas.Broadcasted,
+    ),
+    Route(
+        "GET",
+        "/dashboard",
+        dashboard,
+        "The dashboard page (its data needs an admin token)",
+        _PAGE,
+        auth="none",
+        media=("text/html",),
+    ),
+    Route(
+        "GET",
+        "/dashboard/{name}",
+        dashboard_asset,
+        "The page's script and style sheet",
+        _PAGE,
+        auth="none",
+        media=tuple(ASSETS.values()),
+        errors=(404,),
+    ),
+)

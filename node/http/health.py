@@ -9,7 +9,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import SERVICE_DOWN
+from node.http import schemas
 from node.http.base import json_response
+from node.http.routes import Route
 from node.state import STATE
 
 
@@ -47,7 +49,28 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+_HEALTH = ("health",)
+ROUTES = (
+    Route(
+        "GET", "/healthz", healthz, "Process alive", _HEALTH, auth="none", response=schemas.Alive
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "Redis and Postgres reachable (503 while draining or when one is down)",
+        _HEALTH,
+        auth="none",
+        response=schemas.Readiness,
+        also=(503,),
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        _HEALTH,
+        auth="none",
+        media=(CONTENT_TYPE_LATEST,),
+    ),
+)

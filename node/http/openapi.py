@@ -1,195 +1,167 @@
-"""The HTTP API's documentation: routes, their limits and schemas, and the OpenAPI document.
+"""The OpenAPI 3.1 document at /api/v1/openapi.json, generated from the route tables.
 
-A handler is registered with `@route(...)`, which records what the document says of
-it; the router and the document read the same list, so they cannot drift apart.
+Paths and operations come from the `Route` records (node/http/routes.py), schemas from
+the msgspec Structs they name (node/http/schemas.py): nothing here lists a route or a
+field by hand, so the document describes exactly what the router serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable
 from typing import Any
 
+import msgspec
+import orjson
 from aiohttp import web
 
-from common.store.lifecycle import SETTABLE, STATUSES
+from node.http.routes import Route
+from node.http.schemas import Error
 
-# Limits of the API: documented here and enforced by the handlers.
-MAX_PARTICIPANTS = 100
-MAX_TTL = 30 * 86400
-PAGE_DEFAULT = 50
-PAGE_MAX = 200
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A route and what the OpenAPI document says of it."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    ok: tuple[int, str | None]  # status, response schema
-    body: str | None
-    query: tuple[str, ...]
-    errors: tuple[int, ...]
-
-
-ROUTES: list[Route] = []
-
-
-def route(
-    method: str,
-    path: str,
-    summary: str,
-    ok: tuple[int, str | None],
-    *,
-    body: str | None = None,
-    query: tuple[str, ...] = (),
-    errors: tuple[int, ...] = (),
-) -> Callable[[Handler], Handler]:
-    """Register a handler with its documentation (400 and 401 are implied for every route)."""
-
-    def register(handler: Handler) -> Handler:
-        codes = tuple(sorted({400, 401, *errors}))
-        ROUTES.append(Route(method, path, handler, summary, ok, body, query, codes))
-        return handler
-
-    return register
-
-
-_ERRORS = {
+PATH = "/api/v1/openapi.json"
+_REF = "#/components/schemas/{name}"
+_PARAM = re.compile(r"\{(\w+)\}")
+_PATH_PARAMS: dict[str, dict[str, Any]] = {"session_id": {"type": "string", "format": "uuid"}}
+_SUCCESS = {
+    101: "switched to the WebSocket protocol (docs/protocol.md)",
+    200: "success",
+    201: "created",
+    202: "accepted",
+    204: "done; no body",
+}
+_REFUSED = {
     400: "bad body or parameter",
     401: "missing, invalid or expired token",
     403: "not allowed",
     404: "not found, or not visible to the caller",
     409: "the session's status does not allow this change",
+    429: "too many: retry later",
+    503: "Redis or Postgres unavailable, or the node is draining: retry",
 }
-_QUERY = {
-    "status": ("string", "only sessions with this status"),
-    "limit": ("integer", f"page size, 1 to {PAGE_MAX} (default {PAGE_DEFAULT})"),
-    "cursor": ("string", "the `next` of the previous page"),
-    "before": ("string", "the `next` of the previous page"),
+_SECURITY = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+    "token_query": {"type": "apiKey", "in": "query", "name": "token"},
 }
-_UNAUTHENTICATED = {
-    "/api/v1/openapi.json": "This document",
-    "/healthz": "Process alive",
-    "/readyz": "Redis and Postgres reachable (503 while draining or when one is down)",
-    "/metrics": "Prometheus metrics",
-}
-_STR, _INT, _OBJ = {"type": "string"}, {"type": "integer"}, {"type": "object"}
-_TIME = {"type": "string", "format": "date-time"}
-_AGENT = {"type": "string", "enum": ["ai", "human"]}
-_TTL = {"type": "integer", "minimum": 1, "maximum": MAX_TTL}
 
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
-
-
-def _object(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"type": "object", "properties": props, "required": list(required)}
-
-
-def _page(item: str) -> dict[str, Any]:
-    items = {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}}
-    nxt = {"type": "string", "nullable": True, "description": "cursor; null on the last page"}
-    return _object({"items": items, "next": nxt}, ("items", "next"))
-
-
-def _operation(entry: Route) -> dict[str, Any]:
-    code, schema = entry.ok
-    ok = {"description": "success"} | (_ref(schema) if schema else {})
-    params = [
-        {"name": name[1:-1], "in": "path", "required": True, "schema": _STR}
-        for name in entry.path.split("/")
-        if name.startswith("{")
-    ] + [
-        {"name": q, "in": "query", "schema": {"type": _QUERY[q][0]}, "description": _QUERY[q][1]}
-        for q in entry.query
-    ]
-    responses = {str(code): ok} | {
-        str(e): {"description": _ERRORS[e]} | _ref("Error") for e in entry.errors
-    }
-    op: dict[str, Any] = {"summary": entry.summary, "parameters": params, "responses": responses}
-    if entry.body:
-        op["requestBody"] = {"required": True} | _ref(entry.body)
-    return op
-
-
-def _schemas() -> dict[str, Any]:
-    session = {
-        "id": _STR,
-        "owner": _STR,
-        "participants": {"type": "array", "items": _STR},
-        "status": {"type": "string", "enum": sorted(STATUSES)},
-        "agent": _AGENT,
-        "metadata": _OBJ,
-        "ttl": _INT,
-        **{t: _TIME for t in ("created_at", "updated_at", "last_activity_at", "expires_at")},
-    }
-    message = {
-        "id": _INT,
-        "client_msg_id": _STR,
-        "role": {"type": "string", "enum": ["user", "assistant", "agent", "system"]},
-        "user_id": _STR,
-        "device_id": {"type": "string", "nullable": True},
-        "content": _STR,
-        "metadata": _OBJ,
-        "created_at": _TIME,
-    }
-    device = _object({"device_id": _STR, "connection_id": _STR, "node_id": _STR})
-    return {
-        "Error": _object({"error": _object({"code": _STR, "message": _STR})}, ("error",)),
-        "Session": _object(session, tuple(session)),
-        "SessionPage": _page("Session"),
-        "NewSession": _object(
-            {
-                "participants": {"type": "array", "items": _STR, "maxItems": MAX_PARTICIPANTS},
-                "agent": _AGENT,
-                "ttl": _TTL,
-                "metadata": _OBJ,
-            }
-        ),
-        "SessionChange": _object(
-            {
-                "status": {"type": "string", "enum": sorted(SETTABLE)},
-                "agent": _AGENT,
-                "ttl": _TTL,
-                "metadata": _OBJ | {"description": "replaces the metadata"},
-            }
-        ),
-        "Participant": _object({"user_id": _STR}, ("user_id",)),
-        "Message": _object(message, tuple(m for m in message if m != "metadata")),
-        "MessagePage": _page("Message"),
-        "Presence": _object(
-            {
-                "user_id": _STR,
-                "online": {"type": "boolean"},
-                "devices": {"type": "array", "items": device},
-            }
-        ),
-    }
-
-
-def document() -> dict[str, Any]:
-    """The OpenAPI 3 document of every route a node serves over HTTP."""
+def document(tables: Iterable[Iterable[Route]]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route in the tables."""
+    routes = [entry for table in tables for entry in table]
+    bodies = {t for r in routes for t in (r.response, r.body) if t is not None}
+    queries = {r.query for r in routes if r.query is not None}
+    typed = sorted(bodies | queries | {Error}, key=lambda t: t.__name__)
+    _, schemas = msgspec.json.schema_components(typed, ref_template=_REF)
+    queried = {q.__name__: schemas.pop(q.__name__) for q in queries}
     paths: dict[str, dict[str, Any]] = {}
-    for entry in ROUTES:
-        paths.setdefault(entry.path, {})[entry.method.lower()] = _operation(entry)
-    plain = {"responses": {"200": {"description": "success"}}}
-    for path, summary in _UNAUTHENTICATED.items():
-        paths[path] = {"get": {"summary": summary, "security": []} | plain}
-    paths["/ws"] = {"get": {"summary": "WebSocket (SPEC §4); token as header or ?token="} | plain}
+    for entry in routes:
+        paths.setdefault(entry.path, {})[entry.method.lower()] = _operation(entry, queried)
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "fanout", "version": "1"},
-        "security": [{"bearer": []}],
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fanout",
+            "version": "1",
+            "description": "A fanout node's HTTP API; the WebSocket protocol is in "
+            "docs/protocol.md.",
         },
+        "security": [{"bearer": []}],
+        "tags": [{"name": tag} for tag in sorted({t for r in routes for t in r.tags})],
         "paths": paths,
+        "components": {"securitySchemes": _SECURITY, "schemas": schemas},
     }
+
+
+def table(*tables: Iterable[Route]) -> tuple[Route, ...]:
+    """The route serving the document of the tables and of itself."""
+    served: list[bytes] = []
+
+    async def openapi(request: web.Request) -> web.Response:
+        """GET /api/v1/openapi.json (no token)."""
+        return web.Response(body=served[0], content_type="application/json")
+
+    own = Route(
+        "GET",
+        PATH,
+        openapi,
+        "This document",
+        tags=("meta",),
+        auth="none",
+        media=("application/json",),
+    )
+    served.append(orjson.dumps(document([*tables, (own,)])))
+    return (own,)
+
+
+def _operation(entry: Route, queried: dict[str, Any]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": entry.handler.__name__,
+        "summary": entry.summary,
+        "tags": list(entry.tags),
+        "parameters": _path_parameters(entry.path) + _query_parameters(entry, queried),
+        "responses": _responses(entry),
+    }
+    if entry.auth == "none":
+        operation["security"] = []
+    elif entry.query_token:
+        operation["security"] = [{"bearer": []}, {"token_query": []}]
+    if entry.auth == "admin":
+        operation["description"] = "Needs a token with the `admin` role."
+    if entry.body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(entry.body)}
+    return operation
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": _PATH_PARAMS.get(name, {"type": "string"}),
+        }
+        for name in _PARAM.findall(path)
+    ]
+
+
+def _query_parameters(entry: Route, queried: dict[str, Any]) -> list[dict[str, Any]]:
+    if entry.query is None:
+        return []
+    schema = queried[entry.query.__name__]
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field_schema in schema["properties"].items():
+        field = _absent_not_null(field_schema)
+        parameter = {"name": name, "in": "query", "required": name in required}
+        if "description" in field:
+            parameter["description"] = field.pop("description")
+        parameters.append(parameter | {"schema": field})
+    return parameters
+
+
+def _absent_not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is left out rather than null: `X | None = None` is an optional X."""
+    options = [option for option in schema.get("anyOf", ()) if option != {"type": "null"}]
+    if len(options) != 1 or schema.get("default", 0) is not None:
+        return dict(schema)
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return options[0] | rest
+
+
+def _responses(entry: Route) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": _SUCCESS[entry.status]}
+    if entry.response is not None:
+        success["content"] = _json(entry.response)
+    elif entry.media:
+        success["content"] = {
+            media: {"schema": {"type": "object" if media == "application/json" else "string"}}
+            for media in entry.media
+        }
+    responses = {str(entry.status): success}
+    for status in entry.also:
+        responses[str(status)] = success | {"description": _REFUSED[status]}
+    for status in entry.refusals():
+        responses[str(status)] = {"description": _REFUSED[status], "content": _json(Error)}
+    return responses
+
+
+def _json(body: type[msgspec.Struct]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(name=body.__name__)}}}

@@ -21,16 +21,10 @@ from common.protocol import MAX_USER_ID, canonical_session_id, has_nul, is_sessi
 from common.store.lifecycle import SETTABLE, STATUSES, Refused
 from common.store.postgres import SessionCursor, SessionRecord
 from common.store.sessions import SessionChanges
+from node.http import schemas
 from node.http.base import ApiError, authenticate, json_response, read_body
-from node.http.openapi import (
-    MAX_PARTICIPANTS,
-    MAX_TTL,
-    PAGE_DEFAULT,
-    PAGE_MAX,
-    ROUTES,
-    document,
-    route,
-)
+from node.http.routes import Route
+from node.http.schemas import MAX_PARTICIPANTS, MAX_TTL, PAGE_DEFAULT, PAGE_MAX
 from node.state import STATE, NodeState
 
 PATCHABLE = frozenset({"status", "agent", "ttl", "metadata"})
@@ -113,7 +107,6 @@ async def _visible(state: NodeState, identity: Identity, session_id: str) -> Ses
     return record
 
 
-@route("POST", "/api/v1/sessions", "Create a session", (201, "Session"), body="NewSession")
 async def create_session(request: web.Request) -> web.Response:
     """POST /api/v1/sessions: the caller owns the new, pending session."""
     state, identity = _caller(request)
@@ -132,13 +125,6 @@ async def create_session(request: web.Request) -> web.Response:
     return json_response(record.to_json(), status=201)
 
 
-@route(
-    "GET",
-    "/api/v1/sessions",
-    "The caller's sessions (an admin's: all), newest first",
-    (200, "SessionPage"),
-    query=("status", "limit", "cursor"),
-)
 async def list_sessions(request: web.Request) -> web.Response:
     """GET /api/v1/sessions: a page of the caller's sessions (an admin's: all)."""
     state, identity = _caller(request)
@@ -180,7 +166,6 @@ def _decode_cursor(cursor: str) -> SessionCursor:
         raise _bad("'cursor' is not a cursor this API returned") from None
 
 
-@route("GET", _ONE, "A session", (200, "Session"), errors=(404,))
 async def get_session(request: web.Request) -> web.Response:
     """GET /api/v1/sessions/{id}."""
     state, identity = _caller(request)
@@ -188,14 +173,6 @@ async def get_session(request: web.Request) -> web.Response:
     return json_response(record.to_json())
 
 
-@route(
-    "PATCH",
-    _ONE,
-    "Change status (SPEC §5 transitions), agent, TTL or metadata",
-    (200, "Session"),
-    body="SessionChange",
-    errors=(404, 409),
-)
 async def patch_session(request: web.Request) -> web.Response:
     """PATCH /api/v1/sessions/{id}: status, agent, TTL or metadata; 409 if illegal."""
     state, identity = _caller(request)
@@ -225,7 +202,6 @@ async def patch_session(request: web.Request) -> web.Response:
     return json_response(record.to_json())
 
 
-@route("DELETE", _ONE, "Delete a session and its messages", (204, None), errors=(403, 404))
 async def delete_session(request: web.Request) -> web.Response:
     """DELETE /api/v1/sessions/{id}: the owner or an admin; messages go too."""
     state, identity = _caller(request)
@@ -237,14 +213,6 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@route(
-    "POST",
-    _ONE + "/participants",
-    "An agent joins (user_id = self), or the owner adds someone",
-    (200, "Session"),
-    body="Participant",
-    errors=(403, 404, 409),
-)
 async def add_participant(request: web.Request) -> web.Response:
     """POST /api/v1/sessions/{id}/participants: an agent joins, or the owner adds someone."""
     state, identity = _caller(request)
@@ -270,14 +238,6 @@ async def add_participant(request: web.Request) -> web.Response:
     return json_response(joined.to_json())
 
 
-@route(
-    "GET",
-    _ONE + "/messages",
-    "History, newest first",
-    (200, "MessagePage"),
-    query=("limit", "before"),
-    errors=(404,),
-)
 async def list_messages(request: web.Request) -> web.Response:
     """GET /api/v1/sessions/{id}/messages: a page of history, newest first."""
     state, identity = _caller(request)
@@ -300,13 +260,6 @@ async def list_messages(request: web.Request) -> web.Response:
     )
 
 
-@route(
-    "GET",
-    "/api/v1/presence/{user_id}",
-    "A user's online devices (self, agents, admins)",
-    (200, "Presence"),
-    errors=(403,),
-)
 async def presence(request: web.Request) -> web.Response:
     """GET /api/v1/presence/{user_id}: the user's live devices across the cluster."""
     state, identity = _caller(request)
@@ -319,13 +272,82 @@ async def presence(request: web.Request) -> web.Response:
     return json_response({"user_id": user_id, "online": bool(devices), "devices": devices})
 
 
-async def openapi(request: web.Request) -> web.Response:
-    """GET /api/v1/openapi.json (no token)."""
-    return json_response(document())
-
-
-def add_routes(app: web.Application) -> None:
-    """Register the sessions, history and presence routes and the OpenAPI document."""
-    for entry in ROUTES:
-        app.router.add_route(entry.method, entry.path, entry.handler)
-    app.router.add_get("/api/v1/openapi.json", openapi)
+_SESSIONS = ("sessions",)
+ROUTES = (
+    Route(
+        "POST",
+        "/api/v1/sessions",
+        create_session,
+        "Create a session",
+        _SESSIONS,
+        status=201,
+        body=schemas.NewSession,
+        response=schemas.Session,
+    ),
+    Route(
+        "GET",
+        "/api/v1/sessions",
+        list_sessions,
+        "The caller's sessions (an admin's: all), newest first",
+        _SESSIONS,
+        query=schemas.SessionQuery,
+        response=schemas.SessionPage,
+    ),
+    Route(
+        "GET",
+        _ONE,
+        get_session,
+        "A session",
+        _SESSIONS,
+        response=schemas.Session,
+        errors=(400, 404),
+    ),
+    Route(
+        "PATCH",
+        _ONE,
+        patch_session,
+        "Change status (SPEC §5 transitions), agent, TTL or metadata",
+        _SESSIONS,
+        body=schemas.SessionChange,
+        response=schemas.Session,
+        errors=(404, 409),
+    ),
+    Route(
+        "DELETE",
+        _ONE,
+        delete_session,
+        "Delete a session and its messages",
+        _SESSIONS,
+        status=204,
+        errors=(400, 403, 404),
+    ),
+    Route(
+        "POST",
+        _ONE + "/participants",
+        add_participant,
+        "An agent joins (user_id = self), or the owner adds someone",
+        _SESSIONS,
+        body=schemas.Participant,
+        response=schemas.Session,
+        errors=(403, 404, 409),
+    ),
+    Route(
+        "GET",
+        _ONE + "/messages",
+        list_messages,
+        "History, newest first",
+        _SESSIONS,
+        query=schemas.MessageQuery,
+        response=schemas.MessagePage,
+        errors=(404,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/presence/{user_id}",
+        presence,
+        "A user's online devices (self, agents, admins)",
+        ("presence",),
+        response=schemas.Presence,
+        errors=(400, 403),
+    ),
+)
