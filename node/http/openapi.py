@@ -139,7 +139,9 @@ def _query_parameters(entry: Route, queried: dict[str, Any]) -> list[dict[str, A
 
 def _absent_not_null(schema: dict[str, Any]) -> dict[str, Any]:
     """A query parameter is left out rather than null: `X | None = None` is an optional X."""
-    options = [option for option in schema.get("anyOf", ()) if option != {"type": "null"}]
+    options: list[dict[str, Any]] = [
+        option for option in schema.get("anyOf", ()) if option != {"type": "null"}
+    ]
     if len(options) != 1 or schema.get("default", 0) is not None:
         return dict(schema)
     rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
