@@ -57,6 +57,19 @@ class Settings:
     worker_port: int | None = None
     worker_concurrency: int = 256
     db_pool_size: int = 10
+    # -- reply generators (SPEC §10; worker/assistant/) ---------------------------------
+    # `echo`, `openai` or `module:callable`; the openai_* knobs apply to `openai` only.
+    assistant: str = "echo"
+    assistant_url: str | None = None
+    assistant_model: str | None = None
+    assistant_api_key: str | None = None
+    assistant_system_prompt: str | None = None
+    assistant_history: int = 20
+    assistant_timeout: float = 30.0
+    assistant_concurrency: int = 32
+    # Not in SPEC §10: how often a failed reply is tried again, and the first back-off.
+    assistant_retries: int = 3
+    assistant_retry_delay: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -98,7 +111,34 @@ class Settings:
             worker_concurrency=r.number(
                 "FANOUT_WORKER_CONCURRENCY", d.worker_concurrency, int, low=1, high=10_000
             ),
+            # -- reply generators --
+            assistant=r.generator("FANOUT_ASSISTANT", d.assistant),
+            assistant_url=r.optional_url("FANOUT_ASSISTANT_URL", ("http", "https")),
+            assistant_model=r.optional("FANOUT_ASSISTANT_MODEL"),
+            assistant_api_key=r.optional("FANOUT_ASSISTANT_API_KEY"),
+            assistant_system_prompt=r.optional("FANOUT_ASSISTANT_SYSTEM_PROMPT"),
+            assistant_history=r.number(
+                "FANOUT_ASSISTANT_HISTORY", d.assistant_history, int, low=0, high=1000
+            ),
+            assistant_timeout=r.number(
+                "FANOUT_ASSISTANT_TIMEOUT", d.assistant_timeout, float, low=0.01
+            ),
+            assistant_concurrency=r.number(
+                "FANOUT_ASSISTANT_CONCURRENCY", d.assistant_concurrency, int, low=1, high=10_000
+            ),
+            assistant_retries=r.number(
+                "FANOUT_ASSISTANT_RETRIES", d.assistant_retries, int, low=0, high=100
+            ),
+            assistant_retry_delay=r.number(
+                "FANOUT_ASSISTANT_RETRY_DELAY", d.assistant_retry_delay, float, low=0.0
+            ),
         )
+        if settings.assistant == "openai" and not (
+            settings.assistant_url and settings.assistant_model
+        ):
+            raise ConfigError(
+                "FANOUT_ASSISTANT=openai needs FANOUT_ASSISTANT_URL and FANOUT_ASSISTANT_MODEL"
+            )
         if settings.jwt_secret and settings.jwt_public_key:
             raise ConfigError("set FANOUT_JWT_SECRET or FANOUT_JWT_PUBLIC_KEY, not both")
         if settings.redis_cluster and settings.subscription_mode == "pattern":
@@ -180,12 +220,26 @@ class _Reader:
             raise ConfigError(f"{name} must be a {'/'.join(schemes)}:// URL, got {raw!r}")
         return raw
 
+    def optional_url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        if self._raw(name) is None:
+            return None
+        return self.url(name, "", schemes)
+
     def csv(self, name: str) -> tuple[str, ...] | None:
         raw = self._raw(name)
         if raw is None:
             return None
         items = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
         return items or None
+
+    def generator(self, name: str, default: str) -> str:
+        """`echo`, `openai` or a `module:callable` reference (loaded at worker start)."""
+        raw = self._raw(name) or default
+        module, colon, attribute = raw.partition(":")
+        dotted = all(part.isidentifier() for part in module.split("."))
+        if raw in ("echo", "openai") or (colon and dotted and attribute.isidentifier()):
+            return raw
+        raise ConfigError(f"{name} must be echo, openai or module:callable, got {raw!r}")
 
     def namespace(self, name: str) -> str:
         raw = self._raw(name) or ""

@@ -22,7 +22,10 @@ from common.transport.connection import command_connection
 from common.transport.entries import ChatEntry
 from common.transport.keys import Keys
 from worker.assistant.echo import EchoAssistant
+from worker.assistant.owed import OwedReplies
+from worker.assistant.runner import ReplyRunner
 from worker.processor import ChatProcessor
+from worker.writer import BatchWriter
 
 
 @pytest.fixture
@@ -34,8 +37,14 @@ async def parts(
         command_connection(redis, cluster=False) as commands,
     ):
         bus = Bus(redis, settings, commands)
-        directory = SessionDirectory(redis, store, Keys(settings.namespace), commands)
-        yield store, bus, ChatProcessor(store, bus, directory, EchoAssistant())
+        keys = Keys(settings.namespace)
+        directory = SessionDirectory(redis, store, keys, commands)
+        writer = BatchWriter(store)
+        owed = OwedReplies(redis, keys, commands)
+        async with ReplyRunner(
+            EchoAssistant(), store=store, bus=bus, writer=writer, owed=owed, settings=settings
+        ) as replies:
+            yield store, bus, ChatProcessor(store, bus, directory, replies, writer)
 
 
 async def _logged(bus: Bus, user: str) -> list[tuple[int, str]]:
@@ -54,7 +63,9 @@ async def test_stored_but_not_answered_gets_one_reply(
     # The worker died right after the commit: stored, nothing delivered, no reply.
     assert (await processor.writer.chat(entry)) is not None
     await processor.handle(entry)  # processed again by the next owner
+    await processor.replies.idle()
     await processor.handle(entry)  # and again (died before its XACK this time)
+    await processor.replies.idle()
     rows = await store.messages(session.id, before=None, limit=10)
     assert sorted(m.role for m in rows) == ["assistant", "user"], "one row each"
     assert [m.content for m in rows if m.role == "assistant"] == ["You said: hello"]
@@ -72,8 +83,10 @@ async def test_answered_then_processed_again_repeats_nothing(
     )
     entry = ChatEntry(session.id, "c1", "bo", "phone", "hi there", None, 0)
     await processor.handle(entry)
+    await processor.replies.idle()
     before = {u: await _logged(bus, u) for u in ("bo", "cy")}
     await processor.handle(entry)  # the entry was not acknowledged: it comes again
+    await processor.replies.idle()
     assert {u: await _logged(bus, u) for u in ("bo", "cy")} == before
     # The message and its reply (seq 2 is the `session` frame of pending -> running).
     assert before["cy"] == [(1, "message"), (3, "message")]

@@ -41,6 +41,9 @@ TRIM_INTERVAL = 1.0
 MAX_INFLIGHT = 256
 # How long a read waits for new entries; acknowledgements are flushed between reads.
 READ_BLOCK_MS = 100
+# Seconds a partition given up gracefully waits for its replies in generation; the
+# rest are made again by the next owner (their owed notes stay).
+REPLY_GRACE = 3.0
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -98,6 +101,8 @@ class PartitionConsumer:
                     if not started:
                         await self._ensure_group()
                         await self._adopt_orphans()
+                        # The replies the previous owner left owed (it died or let go).
+                        await self._processor.replies.resume(self.partition)
                         started = True
                     elif retry_pending:
                         retry_pending = await self._retry_pending()
@@ -125,6 +130,10 @@ class PartitionConsumer:
             for task in self._inflight:  # cancelled (lease lost): the entries stay pending
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
+            # Given up gracefully, replies get a short while to finish; cancelled (the
+            # lease is lost), none: another worker may own the partition already.
+            grace = REPLY_GRACE if self._stopping else 0.0
+            await self._processor.replies.release(self.partition, grace)
             if self._reader is not None:
                 await self._reader.close()
 

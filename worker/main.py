@@ -21,12 +21,16 @@ from common.transport.connection import RespConnection, command_connection
 from common.transport.keys import Keys
 from worker.assistant.base import ReplyGenerator
 from worker.assistant.echo import EchoAssistant
+from worker.assistant.loader import open_generator
+from worker.assistant.owed import OwedReplies
+from worker.assistant.runner import ReplyRunner
 from worker.consumer import PartitionConsumer
 from worker.health import health_app
 from worker.leases import PartitionLeases
 from worker.processor import ChatProcessor
 from worker.stats import WorkerStats
 from worker.sweeper import ExpirySweeper
+from worker.writer import BatchWriter
 
 log = logging.getLogger("fanout.worker")
 
@@ -50,7 +54,16 @@ class Worker:
         self._commands = commands
         bus = Bus(redis, settings, commands)
         directory = SessionDirectory(redis, store, keys, commands)
-        self.processor = ChatProcessor(store, bus, directory, assistant or EchoAssistant())
+        writer = BatchWriter(store)
+        self.replies = ReplyRunner(
+            assistant or EchoAssistant(),
+            store=store,
+            bus=bus,
+            writer=writer,
+            owed=OwedReplies(redis, keys, commands),
+            settings=settings,
+        )
+        self.processor = ChatProcessor(store, bus, directory, self.replies, writer)
         self.sweeper = ExpirySweeper(
             redis,
             keys,
@@ -84,6 +97,10 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.settings.lease_ttl / 3
+        async with self.replies:  # replies still in hand after the drain are cancelled
+            await self._run(stop, interval)
+
+    async def _run(self, stop: asyncio.Event, interval: float) -> None:
         sweeper = asyncio.create_task(self.sweeper.run(), name="sweeper")
         try:
             while not stop.is_set():
@@ -187,6 +204,7 @@ async def serve(settings: Settings) -> None:
         async with (
             Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
             command_connection(redis, cluster=settings.redis_cluster) as commands,
+            open_generator(settings, store) as assistant,
         ):
             async with store.acquire() as conn:
                 missing = await missing_migrations(conn)
@@ -195,7 +213,7 @@ async def serve(settings: Settings) -> None:
                     f"the database lacks migration {', '.join(map(str, missing))}:"
                     " run `fanout migrate` first"
                 )
-            worker = Worker(settings, redis, store, commands=commands)
+            worker = Worker(settings, redis, store, assistant, commands=commands)
             stats = WorkerStats(worker, redis)
             stop = stop_event()
             runner: web.AppRunner | None = None

@@ -60,6 +60,10 @@ class Keys:
     def partition_lease(self, partition: int) -> str:
         return f"{self.ns}lease:partition:{partition}"
 
+    def owed_replies(self, partition: int) -> str:
+        """Hash of the replies a partition's owner still owes (worker/assistant/owed.py)."""
+        return f"{self.ns}owed:p{partition}"
+
     def session(self, session_id: str) -> str:
         return f"{self.ns}session:{session_id}"
 

@@ -1,0 +1,106 @@
+"""Replies from any OpenAI-compatible chat-completions endpoint, streamed (SPEC §10).
+
+One POST per reply to `{FANOUT_ASSISTANT_URL}/chat/completions` with `stream: true`;
+the answer is server-sent events, one `data: {json}` line per chunk, ending with
+`data: [DONE]`. The context is the system prompt, then the session's last messages
+up to the one being answered (common/store/replies.py), oldest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from common.store.postgres import MessageRecord, SessionRecord
+from common.store.replies import Turn
+from worker.assistant.base import GeneratorError
+
+# Loads the context: (session id, last message id, how many) -> turns, oldest first.
+History = Callable[[str, int, int], Awaitable[list[Turn]]]
+
+_DONE = b"[DONE]"
+
+
+class OpenAIAssistant:
+    """Streams a reply from an OpenAI-compatible server over one shared HTTP client."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        history: History,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        system_prompt: str | None = None,
+        history_size: int = 20,
+        timeout: float = 30.0,
+    ) -> None:
+        self._http = http
+        self._history = history
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._system = system_prompt
+        # The earlier messages plus the one answered.
+        self._context = history_size + 1
+        # Read timeout: seconds without a byte from the server (a stalled stream).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+
+    async def reply(self, session: SessionRecord, message: MessageRecord) -> AsyncIterator[str]:
+        turns = await self._history(session.id, message.id, self._context)
+        body = {"model": self._model, "stream": True, "messages": self._messages(turns)}
+        headers = self._request_headers()
+        async with self._http.post(
+            self._url, data=orjson.dumps(body), headers=headers, timeout=self._timeout
+        ) as resp:
+            if resp.status >= 400:
+                text = (await resp.text(errors="replace"))[:200]
+                raise GeneratorError(f"HTTP {resp.status} from {self._url}: {text}")
+            finished = False
+            async for line in resp.content:
+                data = _sse_data(line)
+                if data is None:
+                    continue
+                if data == _DONE:
+                    return
+                text, finished = _chunk(data)
+                if text:
+                    yield text
+            if not finished:
+                raise GeneratorError("the stream ended without [DONE] or a finish_reason")
+
+    def _messages(self, turns: list[Turn]) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self._system}] if self._system else []
+        return system + [{"role": t.role, "content": t.content} for t in turns]
+
+    def _request_headers(self) -> dict[str, str]:
+        return {**self._headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+def _sse_data(line: bytes) -> bytes | None:
+    """The payload of a `data:` line; None for blank lines, comments and other fields."""
+    line = line.rstrip(b"\r\n")
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].strip()
+
+
+def _chunk(data: bytes) -> tuple[str, bool]:
+    """(text, finished) of one streamed chat.completion.chunk."""
+    try:
+        event: Any = orjson.loads(data)
+        choice = event["choices"][0] if event.get("choices") else {}
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        finished = choice.get("finish_reason") is not None
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise GeneratorError(f"malformed stream chunk {data[:120]!r}") from exc
+    if not isinstance(text, str):
+        raise GeneratorError(f"malformed stream chunk {data[:120]!r}")
+    if event.get("error"):
+        raise GeneratorError(f"the server reported an error: {str(event['error'])[:200]}")
+    return text, finished

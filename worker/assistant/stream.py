@@ -1,0 +1,125 @@
+"""One attempt at a reply: a generator's chunks out as coalesced deltas, until it ends,
+fails, stalls or is told to stop.
+
+The generator runs in a task of its own (the pump) that feeds a bounded queue; this
+side takes everything the queue holds at once and publishes it as one delta, so chunks
+that arrive while a delta is being published (a few ms, one Redis round trip) go out
+together. What was published is exactly what the attempt returns as its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+# Chunks made but not yet published; at the bound the pump waits (the model's stream
+# is not read further until the deltas catch up).
+QUEUE_SIZE = 256
+
+
+class Stop:
+    """Asks a running attempt to end early (the session was paused, closed, deleted)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._wake: Callable[[], None] | None = None
+
+    def request(self) -> None:
+        self.requested = True
+        if self._wake is not None:
+            self._wake()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one attempt produced: the text published, and why it ended if not by itself."""
+
+    text: str
+    error: Exception | None = None
+    interrupted: bool = False
+
+
+class _End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+_END = _End()
+Item = str | _End | _Failed
+
+
+async def stream_reply(
+    chunks: AsyncIterator[str],
+    publish: Callable[[str], Awaitable[None]],
+    *,
+    chunk_timeout: float,
+    stop: Stop,
+) -> Attempt:
+    """Publish `chunks` as deltas; a gap longer than `chunk_timeout` s fails the attempt."""
+    queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_SIZE)
+    pump = asyncio.create_task(_pump(chunks, queue, chunk_timeout), name="reply-pump")
+
+    def wake() -> None:
+        pump.cancel()
+        # The queue is full only while this side is busy publishing; it then sees
+        # `stop.requested` before it reads again.
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(_END)
+
+    stop._wake = wake
+    parts: list[str] = []
+    try:
+        while not stop.requested:
+            batch, last = _take_all(await queue.get(), queue)
+            if batch and not stop.requested:
+                parts.append(batch)
+                await publish(batch)
+            if stop.requested:
+                break
+            if isinstance(last, _Failed):
+                return Attempt("".join(parts), error=last.error)
+            if isinstance(last, _End):
+                return Attempt("".join(parts))
+        return Attempt("".join(parts), interrupted=True)
+    finally:
+        stop._wake = None
+        pump.cancel()
+        # Owned: the pump (and the generator's HTTP response) is gone before we return.
+        await asyncio.gather(pump, return_exceptions=True)
+
+
+def _take_all(first: Item, queue: asyncio.Queue[Item]) -> tuple[str, Item | None]:
+    """The chunks ready now joined, and the marker that ended them (None: none yet)."""
+    texts: list[str] = []
+    item: Item | None = first
+    while isinstance(item, str):
+        texts.append(item)
+        item = None if queue.empty() else queue.get_nowait()
+    return "".join(texts), item
+
+
+async def _pump(chunks: AsyncIterator[str], queue: asyncio.Queue[Item], gap: float) -> None:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(gap):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            if chunk:
+                await queue.put(chunk)
+    except Exception as exc:  # a failed attempt, reported to the publishing side
+        await queue.put(_Failed(exc))
+        return
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+    await queue.put(_END)
