@@ -1,0 +1,231 @@
+"""FANOUT_ASSISTANT=openai against a local OpenAI-compatible server (SPEC §10).
+
+Real node and worker processes; the model is tests/fake_openai.py, started by the
+test on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from common.transport.keys import partition_of
+from tests.fake_openai import FakeOpenAI
+from tests.harness import Client, Cluster, connect, create_session, is_type, messages_in_db
+from tests.test_sessions_api import patch
+
+PARTITIONS = 4  # tests/conftest.py's env
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as server:
+        yield server
+
+
+def openai_env(fake: FakeOpenAI, **extra: str) -> dict[str, Any]:  # worker(**env)
+    return {
+        "FANOUT_ASSISTANT": "openai",
+        "FANOUT_ASSISTANT_URL": fake.url,
+        "FANOUT_ASSISTANT_MODEL": "fake-model-1",
+        "FANOUT_ASSISTANT_API_KEY": "sk-test-123",
+        "FANOUT_ASSISTANT_SYSTEM_PROMPT": "You are terse.",
+        "FANOUT_ASSISTANT_RETRIES": "2",
+        "FANOUT_ASSISTANT_RETRY_DELAY": "0.05",
+        **extra,
+    }
+
+
+def _deltas(client: Client, reply_id: int) -> str:
+    return "".join(
+        f["delta"]
+        for f in client.frames
+        if f["type"] == "message_delta" and f["message_id"] == reply_id
+    )
+
+
+async def _reply_to(client: Client, session_id: str, content: str) -> dict[str, Any]:
+    """Send a chat; the assistant's (or system's) message that answers it."""
+    await client.chat(session_id, content)
+    frame = await client.until(
+        lambda f: (
+            f["type"] == "message"
+            and f["session_id"] == session_id
+            and f["message"]["role"] in ("assistant", "system")
+        )
+    )
+    message: dict[str, Any] = frame["message"]
+    return message
+
+
+async def _wait_for(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_deltas_make_the_stored_reply_and_the_request_carries_the_context(
+    cluster: Cluster, database_url: str, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "olga")
+    async with connect(node, "olga", "phone") as olga:
+        first = await _reply_to(olga, session_id, "hello there")
+        second = await _reply_to(olga, session_id, "and again")
+
+    assert second["content"] == "Echo: and again"
+    assert _deltas(olga, second["id"]) == second["content"], "deltas concatenate to the reply"
+    rows = await messages_in_db(database_url, session_id)
+    assert [(r["role"], r["content"]) for r in rows] == [
+        ("user", "hello there"),
+        ("assistant", first["content"]),
+        ("user", "and again"),
+        ("assistant", "Echo: and again"),
+    ], "each reply stored once"
+
+    seen = fake.requests[-1]
+    assert seen.headers["Authorization"] == "Bearer sk-test-123"
+    assert seen.body["model"] == "fake-model-1"
+    assert seen.body["stream"] is True
+    assert seen.body["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "Echo: hello there"},
+        {"role": "user", "content": "and again"},
+    ], "system prompt, then the session's history in order"
+
+
+async def test_history_is_cut_to_the_last_n_messages(cluster: Cluster, fake: FakeOpenAI) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake, FANOUT_ASSISTANT_HISTORY="2"))
+    session_id = await create_session(node, "pia")
+    async with connect(node, "pia", "phone") as pia:
+        for text in ("one", "two", "three"):
+            await _reply_to(pia, session_id, text)
+    assert fake.bodies()[-1]["messages"][1:] == [
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "Echo: two"},
+        {"role": "user", "content": "three"},
+    ], "the two earlier messages and the one answered"
+
+
+async def test_a_failing_server_gets_retried_then_a_system_error_and_the_session_goes_on(
+    cluster: Cluster, database_url: str, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "quinn")
+    fake.fail_with = 500
+    async with connect(node, "quinn", "phone") as quinn:
+        failed = await _reply_to(quinn, session_id, "are you there")
+        assert failed["role"] == "system"
+        assert "HTTP 500" in failed["metadata"]["error"]
+        assert len(fake.requests) == 3, "the first attempt and FANOUT_ASSISTANT_RETRIES=2"
+
+        fake.fail_with = None
+        ok = await _reply_to(quinn, session_id, "now?")
+        assert (ok["role"], ok["content"]) == ("assistant", "Echo: now?")
+    rows = await messages_in_db(database_url, session_id)
+    assert [r["role"] for r in rows] == ["user", "system", "user", "assistant"]
+    assert orjson.loads(rows[1]["metadata"])["error"] == failed["metadata"]["error"]
+
+
+async def test_a_malformed_stream_is_an_error_too(cluster: Cluster, fake: FakeOpenAI) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake, FANOUT_ASSISTANT_RETRIES="0"))
+    session_id = await create_session(node, "rae")
+    async with connect(node, "rae", "phone") as rae:
+        failed = await _reply_to(rae, session_id, "garbage please")
+    assert failed["role"] == "system"
+    assert "malformed" in failed["metadata"]["error"]
+
+
+async def test_pausing_mid_reply_stores_what_was_generated_as_interrupted(
+    cluster: Cluster, database_url: str, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "sam")
+    async with connect(node, "sam", "phone") as sam:
+        await sam.chat(session_id, "stall for a while")
+        delta = await sam.until(is_type("message_delta", session_id=session_id))
+        assert delta["delta"] == "Thinking"
+        code, _ = await patch(node, session_id, "sam", status="paused")
+        assert code == 200
+        reply = await sam.until(
+            lambda f: f["type"] == "message" and f["message"]["role"] == "assistant"
+        )
+    assert reply["message"]["content"] == "Thinking"
+    assert reply["message"]["metadata"] == {"interrupted": True}
+    assert reply["message"]["id"] == delta["message_id"], "stored under the streamed id"
+    rows = await messages_in_db(database_url, session_id)
+    assert [(r["role"], r["content"]) for r in rows] == [
+        ("user", "stall for a while"),
+        ("assistant", "Thinking"),
+    ]
+    assert orjson.loads(rows[1]["metadata"]) == {"interrupted": True}
+
+
+async def _same_partition_sessions(node: Any, owner: str) -> tuple[str, str]:
+    made: dict[int, str] = {}
+    for _ in range(50):
+        session_id = await create_session(node, owner)
+        partition = partition_of(session_id, PARTITIONS)
+        if partition in made:
+            return made[partition], session_id
+        made[partition] = session_id
+    raise AssertionError("no two sessions in one partition")
+
+
+async def test_a_stalled_reply_does_not_hold_its_partition(
+    cluster: Cluster, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake))
+    stalled, flowing = await _same_partition_sessions(node, "tess")
+    async with connect(node, "tess", "phone") as tess:
+        await tess.chat(stalled, "stall here")
+        await _wait_for(lambda: fake.stalled == 1)
+        # The same partition, while the other reply waits on the model.
+        for text in ("first", "second"):
+            reply = await _reply_to(tess, flowing, text)
+            assert reply["content"] == f"Echo: {text}"
+        assert fake.stalled == 1 and not fake.release.is_set(), "still stalled meanwhile"
+        fake.release.set()
+        late = await tess.until(
+            lambda f: (
+                f["type"] == "message"
+                and f["session_id"] == stalled
+                and f["message"]["role"] == "assistant"
+            )
+        )
+    assert late["message"]["content"] == "ThinkingEcho: stall here"
+    assert "metadata" not in late["message"]
+
+
+async def test_a_worker_killed_mid_reply_leaves_the_reply_owed_to_the_next(
+    cluster: Cluster, database_url: str, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    first = await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "uma")
+    async with connect(node, "uma", "phone") as uma:
+        await uma.chat(session_id, "stall then die")
+        await _wait_for(lambda: fake.stalled == 1)
+        first.kill()  # SIGKILL: the entry was acknowledged, the reply not yet made
+        fake.release.set()
+        await cluster.worker(**openai_env(fake))
+        reply = await uma.until(
+            lambda f: f["type"] == "message" and f["message"]["role"] == "assistant",
+            timeout=20,
+        )
+    assert reply["message"]["content"] == "ThinkingEcho: stall then die"
+    rows = await messages_in_db(database_url, session_id)
+    assert [r["role"] for r in rows] == ["user", "assistant"], "the reply made once"
