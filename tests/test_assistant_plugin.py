@@ -25,5 +25,5 @@ async def test_a_callable_that_cannot_be_loaded_stops_the_worker_with_one_line(
     cluster: Cluster,
 ) -> None:
     worker = await cluster.worker(FANOUT_ASSISTANT="tests.no_such_module:make", ready=False)
-    assert worker.popen.wait(20) != 0
+    assert worker.popen.wait(20) == 2, worker.log()
     assert "FANOUT_ASSISTANT=tests.no_such_module:make: cannot load it" in worker.log()
