@@ -29,7 +29,7 @@ from common.errors import SERVICE_DOWN
 from common.transport.connection import RespConnection, address_of
 from common.transport.entries import BadEntry, ChatEntry
 from common.transport.keys import CONSUMER_GROUP, Keys
-from worker.outage import Backoff, OutageLog
+from worker.outage import OutageLog, retry_pacing
 from worker.processor import ChatProcessor
 
 log = logging.getLogger("fanout.worker")
@@ -94,7 +94,7 @@ class PartitionConsumer:
         """Consume until stopped; a Redis or Postgres outage is waited out in place."""
         started = False
         retry_pending = True  # our own PEL may hold entries from before a restart
-        backoff = Backoff()
+        backoff = retry_pacing()
         try:
             while not self._stopping:
                 try:
@@ -113,7 +113,7 @@ class PartitionConsumer:
                     # dispatched: once Redis answers, re-read the PEL first.
                     retry_pending = True
                     self._on_health(False)
-                    delay = backoff.next()
+                    delay = backoff.next_delay()
                     self._stream_outage.failed(exc, delay)
                     await asyncio.sleep(delay)
                 else:
@@ -340,7 +340,7 @@ class PartitionConsumer:
         return acked, True
 
     async def _with_retry(self, entry: ChatEntry) -> None:
-        backoff = Backoff()
+        backoff = retry_pacing()
         while True:
             try:
                 await self._processor.handle(entry)
@@ -352,7 +352,7 @@ class PartitionConsumer:
                 if self._stopping:
                     raise
                 self._on_health(False)
-                delay = backoff.next()
+                delay = backoff.next_delay()
                 self._entry_outage.failed(exc, delay)
                 await asyncio.sleep(delay)
 

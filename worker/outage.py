@@ -1,8 +1,9 @@
 """Riding out a Redis or Postgres outage in place (SPEC §2: input is never lost).
 
 A consumer whose backing service is down keeps its partition, its entries in hand and
-its place in the stream, and retries: with capped exponential back-off and jitter, so
-the consumers of a cluster do not all come back in the same millisecond, and with one
+its place in the stream, and retries: with capped exponential back-off and jitter
+(`retry_pacing`, common/backoff.py), so the consumers of a cluster do not all come back
+in the same millisecond, and with one
 WARNING when the outage starts and one per `REPORT_EVERY` seconds while it lasts, not
 one per retry (hundreds of entries in flight each retry on their own).
 """
@@ -10,8 +11,9 @@ one per retry (hundreds of entries in flight each retry on their own).
 from __future__ import annotations
 
 import logging
-import random
 import time
+
+from common.backoff import Backoff
 
 log = logging.getLogger("fanout.worker")
 
@@ -20,22 +22,9 @@ MAX_DELAY = 5.0
 REPORT_EVERY = 10.0
 
 
-class Backoff:
-    """Delays that double from `first` up to `cap`, each drawn within ±50%."""
-
-    def __init__(self, first: float = FIRST_DELAY, cap: float = MAX_DELAY) -> None:
-        self._first = first
-        self._cap = cap
-        self._delay = first
-
-    def next(self) -> float:
-        """The delay before the next retry."""
-        delay = self._delay * (0.5 + random.random())
-        self._delay = min(self._delay * 2, self._cap)
-        return delay
-
-    def reset(self) -> None:
-        self._delay = self._first
+def retry_pacing() -> Backoff:
+    """The back-off of one retrying activity of a consumer."""
+    return Backoff(first=FIRST_DELAY, cap=MAX_DELAY)
 
 
 class OutageLog:

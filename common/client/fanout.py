@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from common.backoff import Backoff
 from common.client import websocket as wsclient
 
 log = logging.getLogger("fanout.client")
@@ -128,13 +129,14 @@ class FanoutClient:
             self._ws.abort()
 
     async def _run(self) -> None:
-        delay = self._backoff[0]
+        first, cap = self._backoff
+        backoff = Backoff(first=first, cap=cap)
         while True:
             url = self._urls[self._next_url % len(self._urls)]
             self._next_url += 1
             try:
                 await self._session(url)
-                delay = self._backoff[0]
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except wsclient.HandshakeError as exc:
@@ -151,8 +153,7 @@ class FanoutClient:
             self._connected.clear()
             # Capped exponential back-off with jitter: a node dying must not make all
             # its clients reconnect to the next one in the same millisecond.
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self._backoff[1])
+            await asyncio.sleep(backoff.next_delay())
 
     async def _session(self, url: str) -> None:
         params = {"device_id": self.device_id}

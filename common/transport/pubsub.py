@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
@@ -20,12 +19,16 @@ from typing import Any, Protocol
 
 import hiredis
 
+from common.backoff import Backoff
 from common.transport.connection import address_from_url, auth_command, open_transport, pack
 
 log = logging.getLogger("fanout.pubsub")
 
 MessageHandler = Callable[[bytes, bytes], None]
 Publisher = Callable[[bytes, bytes], Awaitable[Any]]
+# Reconnect pacing (common/backoff.py): seconds of the first retry's ceiling, and its cap.
+RECONNECT_FIRST = 0.05
+RECONNECT_CAP = 5.0
 
 
 def _resolve(waiter: asyncio.Future[None], _: object) -> None:
@@ -231,7 +234,7 @@ class Subscriber:
         return proto
 
     async def _run(self) -> None:
-        delay = 0.05
+        backoff = Backoff(first=RECONNECT_FIRST, cap=RECONNECT_CAP)
         while True:
             try:
                 self._proto = await asyncio.wait_for(self._connect(), timeout=5)
@@ -243,11 +246,11 @@ class Subscriber:
                     raise ConnectionResetError("dropped while resubscribing")
             except (OSError, TimeoutError) as exc:
                 self._connected.clear()
+                delay = backoff.next_delay()
                 log.warning("redis pub/sub connect failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
                 continue
-            delay = 0.05
+            backoff.reset()
             if resumed and self._on_resubscribed is not None:
                 self._on_resubscribed()
             await self._watch(self._proto)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+from common.backoff import Backoff
 from common.protocol import SKIP_MARK, encode, seq_of
 from common.transport.bus import Bus
 from common.transport.keys import Keys
@@ -29,6 +30,9 @@ log = logging.getLogger("fanout.node")
 MAX_HELD = 1024
 # Log entries read per round trip while replaying to a resuming connection.
 REPLAY_BATCH = 256
+# A gap repair that fails (Redis down) retries with back-off up to this cap, seconds.
+REPAIR_RETRY_FIRST = 0.05
+REPAIR_RETRY_CAP = 2.0
 
 
 class LocalUser:
@@ -206,7 +210,7 @@ class Hub:
 
     async def _repair(self, user: LocalUser) -> None:
         """Fill a seq gap from the delivery log, then release the held frames in order."""
-        delay = 0.05
+        backoff = Backoff(first=REPAIR_RETRY_FIRST, cap=REPAIR_RETRY_CAP)
         while True:
             try:
                 assert user.last_seq is not None
@@ -216,8 +220,7 @@ class Hub:
                 raise
             except Exception as exc:  # Redis down: keep the user held and retry
                 log.warning("gap repair for %s failed (%s); retrying", user.user_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next_delay())
         self.gaps_repaired += 1
         frames = [(seq_of(f) or 0, f) for f in missing]
         held, user.held = user.held, []

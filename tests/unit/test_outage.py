@@ -1,4 +1,4 @@
-"""Back-off and outage logging of the worker's consumers (pure logic, a fake clock)."""
+"""Outage logging of the worker's consumers (pure logic, a fake clock)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import logging
 import pytest
 
 from worker import outage
-from worker.outage import Backoff, OutageLog
-
-
-def test_back_off_doubles_up_to_its_cap_with_jitter() -> None:
-    backoff = Backoff(first=0.1, cap=1.0)
-    delays = [backoff.next() for _ in range(8)]
-    for delay, base in zip(delays, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0], strict=True):
-        assert 0.5 * base <= delay <= 1.5 * base
-    backoff.reset()
-    assert backoff.next() <= 0.15
+from worker.outage import OutageLog
 
 
 def test_an_outage_is_one_warning_per_interval_not_one_per_retry(
