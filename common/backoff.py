@@ -19,9 +19,11 @@ class Backoff:
     def __init__(
         self, *, first: float, cap: float, rand: Callable[[], float] = random.random
     ) -> None:
-        """`rand` draws from [0, 1); a test passes its own to make delays exact."""
-        if not 0 < first <= cap:
-            raise ValueError(f"back-off needs 0 < first <= cap (got {first}, {cap})")
+        """`rand` draws from [0, 1); a test passes its own to make delays exact.
+
+        `first` 0 retries at once every time (a setting that turns the wait off)."""
+        if not 0 <= first <= cap:
+            raise ValueError(f"back-off needs 0 <= first <= cap (got {first}, {cap})")
         self._first = first
         self._cap = cap
         self._rand = rand

@@ -40,10 +40,13 @@ def test_reset_starts_again_from_the_first_delay() -> None:
     assert backoff.next_delay() == 0.05
 
 
-@pytest.mark.parametrize(("first", "cap"), [(0.0, 1.0), (-1.0, 1.0), (2.0, 1.0)])
-def test_a_first_delay_that_is_not_positive_or_above_the_cap_is_refused(
-    first: float, cap: float
-) -> None:
+def test_a_first_delay_of_zero_never_waits() -> None:
+    backoff = Backoff(first=0.0, cap=5.0, rand=lambda: 1.0)
+    assert [backoff.next_delay() for _ in range(5)] == [0.0] * 5
+
+
+@pytest.mark.parametrize(("first", "cap"), [(-1.0, 1.0), (2.0, 1.0)])
+def test_a_negative_first_delay_or_one_above_the_cap_is_refused(first: float, cap: float) -> None:
     with pytest.raises(ValueError, match="first"):
         Backoff(first=first, cap=cap)
 

@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from common.backoff import Backoff
 from common.config import Settings
 from common.errors import SERVICE_DOWN
 from common.protocol import encode
@@ -42,7 +43,7 @@ from common.transport.keys import partition_of
 from worker.assistant.base import ReplyGenerator
 from worker.assistant.owed import OwedReplies, OwedReply
 from worker.assistant.stream import Attempt, Stop, stream_reply
-from worker.outage import Backoff
+from worker.outage import retry_pacing
 from worker.writer import BatchWriter
 
 log = logging.getLogger("fanout.worker")
@@ -228,7 +229,7 @@ class ReplyRunner:
         """Stream, retrying failures; store the outcome (None: nothing to store)."""
         settings = self._settings
         delay = settings.assistant_retry_delay
-        backoff = Backoff(delay, cap=max(delay, RETRY_CAP))
+        backoff = Backoff(first=delay, cap=max(delay, RETRY_CAP))
         attempt = Attempt("")
 
         async def publish(text: str) -> None:
@@ -244,7 +245,7 @@ class ReplyRunner:
         try:
             for tried in range(settings.assistant_retries + 1):
                 if tried:
-                    await asyncio.sleep(backoff.next())
+                    await asyncio.sleep(backoff.next_delay())
                     if job.stop.requested:
                         return None
                 attempt = await stream_reply(
@@ -307,12 +308,12 @@ class ReplyRunner:
 
     async def _persist(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a storage step, waiting out a Redis or Postgres outage in place."""
-        backoff = Backoff()
+        backoff = retry_pacing()
         while True:
             try:
                 return await step()
             except SERVICE_DOWN as exc:
-                delay = backoff.next()
+                delay = backoff.next_delay()
                 log.warning("reply step failed (%r); again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
 
