@@ -42,6 +42,7 @@ class TokenVerifier:
         settings.require_jwt()
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
+        self._max_ttl = settings.jwt_max_ttl
         self._key: Any
         if settings.jwt_secret:
             self._key, self._algorithms = settings.jwt_secret, ["HS256"]
@@ -72,10 +73,27 @@ class TokenVerifier:
             raise AuthError(
                 "invalid token: 'sub' must be a string of 1 to 128 characters, without U+0000"
             )
+        if not sub.isascii():
+            try:
+                sub.encode()
+            except UnicodeEncodeError:  # a lone surrogate: not text
+                raise AuthError("invalid token: 'sub' is not valid UTF-8 text") from None
+        if self._max_ttl is not None:
+            _check_lifetime(claims, self._max_ttl)
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AuthError("invalid token: 'roles' must be a list of strings")
         return Identity(sub, frozenset(roles) & ROLES, float(claims["exp"]))
+
+
+def _check_lifetime(claims: dict[str, Any], max_ttl: int) -> None:
+    """FANOUT_JWT_MAX_TTL: a token may not live longer, counted from now or from `iat`."""
+    exp = float(claims["exp"])  # checked a number by PyJWT
+    if exp - time.time() > max_ttl:
+        raise AuthError(f"invalid token: it expires more than {max_ttl} s from now")
+    iat = claims.get("iat")
+    if isinstance(iat, int | float) and not isinstance(iat, bool) and exp - iat > max_ttl:
+        raise AuthError(f"invalid token: its lifetime (exp - iat) is over {max_ttl} s")
 
 
 def _public_key(pem: str) -> tuple[Any, list[str]]:

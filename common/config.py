@@ -70,6 +70,14 @@ class Settings:
     # Not in SPEC §10: how often a failed reply is tried again, and the first back-off.
     assistant_retries: int = 3
     assistant_retry_delay: float = 0.5
+    # -- abuse limits: HTTP and data (SPEC §3, §4, §6; README "Limits") ------------------
+    max_metadata: int = 4096
+    http_head_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    peer_rate: float = 1.0
+    peer_burst: int = 30
+    jwt_max_ttl: int | None = None
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -132,6 +140,18 @@ class Settings:
             assistant_retry_delay=r.number(
                 "FANOUT_ASSISTANT_RETRY_DELAY", d.assistant_retry_delay, float, low=0.0
             ),
+            # -- abuse limits: HTTP and data --
+            max_metadata=r.number("FANOUT_MAX_METADATA", d.max_metadata, int, low=2),
+            http_head_timeout=r.number(
+                "FANOUT_HTTP_HEAD_TIMEOUT", d.http_head_timeout, float, low=0.1
+            ),
+            http_body_timeout=r.number(
+                "FANOUT_HTTP_BODY_TIMEOUT", d.http_body_timeout, float, low=0.1
+            ),
+            peer_rate=r.number("FANOUT_PEER_RATE", d.peer_rate, float, low=0.001),
+            peer_burst=r.number("FANOUT_PEER_BURST", d.peer_burst, int, low=1),
+            jwt_max_ttl=r.optional_number("FANOUT_JWT_MAX_TTL", int, low=1),
+            log_format=r.choice("FANOUT_LOG_FORMAT", d.log_format, ("text", "json")),
         )
         if settings.assistant == "openai" and not (
             settings.assistant_url and settings.assistant_model
@@ -207,6 +227,13 @@ class _Reader:
             bounds = f">= {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"{name} must be {bounds}, got {raw!r}")
         return value
+
+    def optional_number(
+        self, name: str, kind: Callable[[str], T], *, low: float | None = None
+    ) -> T | None:
+        if self._raw(name) is None:
+            return None
+        return self.number(name, kind("0"), kind, low=low)
 
     def port(self, name: str) -> int | None:
         if self._raw(name) is None:

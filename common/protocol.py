@@ -19,6 +19,11 @@ import orjson
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_USER_ID = 128
 MAX_CLIENT_MSG_ID = 64
+# `metadata` bounds (SPEC §3): the bytes default of FANOUT_MAX_METADATA, and a fixed
+# nesting depth. orjson parses 1024 levels but encodes at most 255, and every envelope
+# the metadata travels in adds levels; 16 leaves that far out of reach.
+DEFAULT_MAX_METADATA = 4096
+MAX_METADATA_DEPTH = 16
 
 
 class ErrorCode(StrEnum):
@@ -103,7 +108,11 @@ def is_session_id(value: object) -> bool:
 
 
 def parse_client_frame(
-    data: str | bytes, default_session: str | None, max_content: int
+    data: str | bytes,
+    default_session: str | None,
+    max_content: int,
+    *,
+    max_metadata: int = DEFAULT_MAX_METADATA,
 ) -> ClientFrame:
     """Validate one client frame; raise ProtocolError with the SPEC's code on bad input."""
     try:
@@ -117,7 +126,7 @@ def parse_client_frame(
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame has no string 'type'", frame_id)
     if kind == "chat":
-        return _chat(raw, default_session, max_content)
+        return _chat(raw, default_session, max_content, max_metadata)
     if kind == "ping":
         return Ping()
     if kind == "typing":
@@ -147,7 +156,9 @@ def _session(raw: dict[str, Any], default_session: str | None, frame_id: str | N
     return canonical_session_id(session_id)
 
 
-def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) -> Chat:
+def _chat(
+    raw: dict[str, Any], default_session: str | None, max_content: int, max_metadata: int
+) -> Chat:
     frame_id = raw.get("id")
     if not isinstance(frame_id, str) or not 1 <= len(frame_id) <= MAX_CLIENT_MSG_ID:
         raise ProtocolError(
@@ -162,17 +173,58 @@ def _chat(raw: dict[str, Any], default_session: str | None, max_content: int) ->
             ErrorCode.MSG_TOO_LARGE, f"'content' is over {max_content} bytes", frame_id
         )
     metadata = raw.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'metadata' must be an object", frame_id)
-    if has_nul(frame_id) or has_nul(content) or has_nul(metadata):
-        # Postgres text and jsonb cannot store U+0000: refused here, before the ack,
-        # not dead-lettered by the worker after it.
+    if metadata is not None:
+        try:
+            metadata = check_metadata(metadata, max_metadata)
+        except InvalidMetadata as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), frame_id) from None
+    if has_nul(frame_id) or has_nul(content):
+        # Postgres text cannot store U+0000: refused here, before the ack, not
+        # dead-lettered by the worker after it.
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST,
-            "'id', 'content' and 'metadata' must not contain U+0000",
-            frame_id,
+            ErrorCode.BAD_REQUEST, "'id' and 'content' must not contain U+0000", frame_id
         )
     return Chat(frame_id, session_id, content, metadata)
+
+
+class InvalidMetadata(ValueError):
+    """`metadata` that must be refused at the edge; the message says why, for the client."""
+
+
+def check_metadata(value: object, max_bytes: int) -> dict[str, Any]:
+    """`value` if it is acceptable session or message metadata; InvalidMetadata otherwise.
+
+    The one check for every way in (session create/PATCH, chat frames, HTTP messages):
+    an object, nested at most MAX_METADATA_DEPTH levels, at most `max_bytes` encoded,
+    without U+0000 (Postgres jsonb cannot hold it). Nothing that fails it is stored.
+    """
+    if not isinstance(value, dict):
+        raise InvalidMetadata("'metadata' must be an object")
+    if metadata_depth(value) > MAX_METADATA_DEPTH:
+        raise InvalidMetadata(f"'metadata' is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if has_nul(value):
+        raise InvalidMetadata("'metadata' must not contain U+0000")
+    if len(orjson.dumps(value)) > max_bytes:
+        raise InvalidMetadata(f"'metadata' is over {max_bytes} bytes encoded")
+    return value
+
+
+def metadata_depth(value: object) -> int:
+    """Nesting depth of a JSON value: a scalar is 0, ``{}`` is 1, ``{"a": []}`` is 2."""
+    # A stack, not recursion: a parsed frame can nest 1024 levels.
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def has_nul(value: object) -> bool:

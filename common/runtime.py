@@ -1,23 +1,11 @@
-"""Process plumbing shared by nodes and workers: logging, uvloop, signals."""
+"""Process plumbing shared by nodes and workers: uvloop, signals (logging: common/logs.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 from collections.abc import Coroutine
 from typing import Any
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiohttp logs every request at INFO; the token may be in a query string.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

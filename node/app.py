@@ -26,6 +26,7 @@ from node.delivery.subscriber import open_subscriber
 from node.http import admin, health, openapi, schemas, sessions
 from node.http.base import api_errors
 from node.http.routes import Route, register
+from node.http.deadlines import BODY_TIMEOUT, body_deadline
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
@@ -61,7 +62,8 @@ TABLES = (sessions.ROUTES, admin.ROUTES, health.ROUTES, WEBSOCKET)
 def create_app(settings: Settings) -> web.Application:
     """A node app; its resources open on startup and close on cleanup."""
     settings.require_jwt()
-    app = web.Application(middlewares=[api_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[body_deadline, api_errors], client_max_size=1024 * 1024)
+    app[BODY_TIMEOUT] = settings.http_body_timeout
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_close_sockets)
     register(app, *TABLES, openapi.table(*TABLES))

@@ -11,8 +11,10 @@ import sys
 from aiohttp import web
 
 from common.config import Settings
-from common.runtime import run, setup_logging, stop_event
+from common.logs import setup_logging
+from common.runtime import run, stop_event
 from node.app import create_app, drain
+from node.http.deadlines import runner_options
 
 log = logging.getLogger("fanout.node")
 
@@ -25,7 +27,9 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     # The whole stop fits in FANOUT_DRAIN_TIMEOUT: the drain gets most of it, the
     # runner's own wait for stuck handlers the rest.
     cleanup_budget = min(2.0, settings.drain_timeout / 4)
-    runner = web.AppRunner(app, shutdown_timeout=cleanup_budget, access_log=None)
+    runner = web.AppRunner(
+        app, shutdown_timeout=cleanup_budget, access_log=None, **runner_options(settings)
+    )
     await runner.setup()
     stop = stop_event()
     site = web.TCPSite(runner, host, port, reuse_port=True)
@@ -78,6 +82,6 @@ def raise_fd_limit() -> int:
 
 
 def main(settings: Settings, host: str, port: int) -> None:
-    setup_logging()
+    setup_logging(settings.log_format)
     log.info("open files limit: %d", raise_fd_limit())
     run(serve(settings, host, port))

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from common.config import ConfigError, Settings
 from common.gcpause import freeze_startup_objects
-from common.runtime import run, setup_logging, stop_event
+from common.logs import setup_logging
+from common.runtime import run, stop_event
 from common.store.postgres import Store
 from common.store.schema import missing_migrations
 from common.store.sessions import SessionChanges, SessionDirectory
@@ -235,5 +236,5 @@ async def serve(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> None:
-    setup_logging()
+    setup_logging(settings.log_format)
     run(serve(settings))

@@ -17,7 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from common.auth import Identity
-from common.protocol import MAX_USER_ID, canonical_session_id, has_nul, is_session_id
+from common.protocol import (
+    MAX_USER_ID,
+    InvalidMetadata,
+    canonical_session_id,
+    check_metadata,
+    has_nul,
+    is_session_id,
+)
 from common.store.lifecycle import SETTABLE, STATUSES, Refused
 from common.store.postgres import SessionCursor, SessionRecord
 from common.store.sessions import SessionChanges
@@ -69,13 +76,11 @@ def _agent(value: Any) -> str:
     return value
 
 
-def _metadata(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad("'metadata' must be an object")
-    if has_nul(value):
-        # Postgres jsonb cannot hold it: a clear 400, not a failed INSERT (500).
-        raise _bad("'metadata' must not contain U+0000")
-    return value
+def _metadata(state: NodeState, value: Any) -> dict[str, Any]:
+    try:
+        return check_metadata(value, state.settings.max_metadata)
+    except InvalidMetadata as exc:
+        raise _bad(str(exc)) from None
 
 
 def _whole(raw: str) -> int | None:
@@ -120,7 +125,7 @@ async def create_session(request: web.Request) -> web.Response:
         participants=members,
         agent=_agent(body.get("agent", "ai")),
         ttl=_ttl(body.get("ttl", state.settings.session_ttl)),
-        metadata=_metadata(body.get("metadata", {})),
+        metadata=_metadata(state, body.get("metadata", {})),
     )
     return json_response(record.to_json(), status=201)
 
@@ -189,7 +194,7 @@ async def patch_session(request: web.Request) -> web.Response:
         raise _bad(f"'status' must be one of {', '.join(sorted(SETTABLE))}")
     agent = _agent(given["agent"]) if "agent" in given else None
     ttl = _ttl(given["ttl"]) if "ttl" in given else None
-    metadata = _metadata(given["metadata"]) if "metadata" in given else None
+    metadata = _metadata(state, given["metadata"]) if "metadata" in given else None
     await _visible(state, identity, session_id)
     try:
         record = await _changes(state).update(

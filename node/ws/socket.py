@@ -242,7 +242,12 @@ async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None
     frame_id: str | None = None
     kind = "invalid"
     try:
-        frame = parse_client_frame(data, conn.session_id, state.settings.max_content)
+        frame = parse_client_frame(
+            data,
+            conn.session_id,
+            state.settings.max_content,
+            max_metadata=state.settings.max_metadata,
+        )
         kind = frame_kind(frame)
         frame_id = getattr(frame, "id", None)
         await route(state, conn, frame)

@@ -93,11 +93,13 @@ def test_session_ids_are_canonical_whatever_the_case() -> None:
 
 
 def test_deeply_nested_metadata_is_checked_without_recursion() -> None:
-    # orjson parses nesting deeper than Python's recursion limit; the NUL check copes.
+    # orjson parses nesting deeper than Python's recursion limit; the checks cope, and
+    # refuse it (SPEC §3: depth at most 16) instead of failing later.
     depth = 1000
     data = b'{"type":"chat","id":"a","session_id":"%s","content":"x","metadata":{"d":%s"clean"%s}}'
-    frame = parse_client_frame(data % (SID.encode(), b"[" * depth, b"]" * depth), None, 100)
-    assert isinstance(frame, Chat) and frame.metadata is not None
+    with pytest.raises(ProtocolError) as refused:
+        parse_client_frame(data % (SID.encode(), b"[" * depth, b"]" * depth), None, 100)
+    assert refused.value.code == ErrorCode.BAD_REQUEST and refused.value.frame_id == "a"
 
 
 def test_content_limit_counts_bytes_not_characters() -> None:
