@@ -25,8 +25,8 @@ from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
 from node.http import admin, health, openapi, schemas, sessions
 from node.http.base import api_errors
-from node.http.routes import Route, register
 from node.http.deadlines import BODY_TIMEOUT, body_deadline
+from node.http.routes import Route, register
 from node.metrics import NodeMetrics
 from node.presence import DeviceRegistry
 from node.state import STATE, NodeState
