@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from common.config import ConfigError, Settings
 from common.protocol import MAX_USER_ID
 
-ROLES = frozenset({"admin", "agent"})
+ROLES = frozenset({"admin", "agent", "service"})
 
 
 class AuthError(Exception):
@@ -33,6 +33,11 @@ class Identity:
     @property
     def is_agent(self) -> bool:
         return "agent" in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        """A backend or bot: posts into any session as `assistant` or `system` (SPEC §6)."""
+        return "service" in self.roles
 
 
 class TokenVerifier:

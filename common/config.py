@@ -78,6 +78,21 @@ class Settings:
     peer_burst: int = 30
     jwt_max_ttl: int | None = None
     log_format: str = "text"
+    # -- integrations: participants, HTTP messages, webhooks (SPEC §6, §10) -------------
+    # Participants of one session, the owner included; an add past it is a 409.
+    max_participants: int = 100
+    # Webhooks are on when a URL is set (on nodes and workers alike: both write the
+    # outbox, common/store/outbox.py); the secret signs every delivery.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_max_age: float = 86400.0
+    # Not in SPEC §10: per-attempt timeout, deliveries in flight, the back-off's first
+    # and longest wait, and how often the outbox is polled.
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 16
+    webhook_retry_base: float = 1.0
+    webhook_retry_cap: float = 300.0
+    webhook_poll: float = 0.2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -152,7 +167,26 @@ class Settings:
             peer_burst=r.number("FANOUT_PEER_BURST", d.peer_burst, int, low=1),
             jwt_max_ttl=r.optional_number("FANOUT_JWT_MAX_TTL", int, low=1),
             log_format=r.choice("FANOUT_LOG_FORMAT", d.log_format, ("text", "json")),
+            # -- integrations --
+            max_participants=r.number(
+                "FANOUT_MAX_PARTICIPANTS", d.max_participants, int, low=1, high=10_000
+            ),
+            webhook_url=r.optional_url("FANOUT_WEBHOOK_URL", ("http", "https")),
+            webhook_secret=r.optional("FANOUT_WEBHOOK_SECRET"),
+            webhook_max_age=r.number("FANOUT_WEBHOOK_MAX_AGE", d.webhook_max_age, float, low=0.1),
+            webhook_timeout=r.number("FANOUT_WEBHOOK_TIMEOUT", d.webhook_timeout, float, low=0.05),
+            webhook_concurrency=r.number(
+                "FANOUT_WEBHOOK_CONCURRENCY", d.webhook_concurrency, int, low=1, high=1000
+            ),
+            webhook_retry_base=r.number(
+                "FANOUT_WEBHOOK_RETRY_BASE", d.webhook_retry_base, float, low=0.01
+            ),
+            webhook_retry_cap=r.number(
+                "FANOUT_WEBHOOK_RETRY_CAP", d.webhook_retry_cap, float, low=0.01
+            ),
+            webhook_poll=r.number("FANOUT_WEBHOOK_POLL", d.webhook_poll, float, low=0.01),
         )
+        _check_webhooks(settings)
         if settings.assistant == "openai" and not (
             settings.assistant_url and settings.assistant_model
         ):
@@ -174,6 +208,11 @@ class Settings:
         """Nodes verify tokens: one of the two key settings must be present."""
         if not (self.jwt_secret or self.jwt_public_key):
             raise ConfigError("FANOUT_JWT_SECRET or FANOUT_JWT_PUBLIC_KEY is required")
+
+
+def _check_webhooks(settings: Settings) -> None:
+    if settings.webhook_url is not None and not settings.webhook_secret:
+        raise ConfigError("FANOUT_WEBHOOK_URL needs FANOUT_WEBHOOK_SECRET (deliveries are signed)")
 
 
 class _Reader:

@@ -23,7 +23,7 @@ from common.transport.keys import Keys
 from node.delivery.control import listening_for_commands
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
-from node.http import admin, health, openapi, schemas, sessions
+from node.http import admin, health, messages, openapi, participants, schemas, sessions
 from node.http.base import api_errors
 from node.http.deadlines import BODY_TIMEOUT, body_deadline
 from node.http.routes import Route, register
@@ -56,7 +56,14 @@ WEBSOCKET = (
     ),
 )
 # Every route the node serves; openapi.table adds the document of them all.
-TABLES = (sessions.ROUTES, admin.ROUTES, health.ROUTES, WEBSOCKET)
+TABLES = (
+    sessions.ROUTES,
+    participants.ROUTES,
+    messages.ROUTES,
+    admin.ROUTES,
+    health.ROUTES,
+    WEBSOCKET,
+)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from common.store.lifecycle import takes_assistant_reply
+from common.store.posted import write_posted
 from common.store.postgres import MessageRecord, SessionRecord, Store
 from common.store.sessions import SessionChanges, SessionDirectory
 from common.transport.bus import Bus
@@ -42,7 +43,10 @@ class ChatProcessor:
 
     async def handle(self, entry: ChatEntry) -> None:
         """Process one entry; raises on failure (the entry then stays pending)."""
-        written = await self.writer.chat(entry)
+        if entry.role is not None:  # posted over HTTP by a service (SPEC §6)
+            written = await write_posted(self._store, entry)
+        else:
+            written = await self.writer.chat(entry)
         if written is None:
             log.info(
                 "session %s is gone; dropping message %s", entry.session_id, entry.client_msg_id

@@ -83,6 +83,22 @@ RETURNING *
 """
 
 
+class TooManyParticipants(Exception):
+    """An add would take a session past its participant cap (SPEC §6: 409)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"a session has at most {cap} participants")
+        self.message = str(self)
+
+
+class NotParticipant(Exception):
+    """The user to remove is not a participant of the session."""
+
+
+class OwnerStays(Exception):
+    """The owner cannot leave or be removed (SPEC §6: delete the session instead)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionAccess:
     """What a node checks a chat against: the session's status and participants."""
@@ -216,9 +232,13 @@ class SessionChanges:
         return record
 
     async def add_participant(
-        self, session_id: str, user_id: str, *, role: str
+        self, session_id: str, user_id: str, *, role: str, cap: int
     ) -> SessionRecord | None:
-        """Add (or make an agent of) a participant of an open session; None if none."""
+        """Add (or make an agent of) a participant of an open session; None if none.
+
+        `TooManyParticipants` when a new participant would make more than `cap`: the
+        count is read under the session's row lock, so racing adds cannot overshoot.
+        """
         key = uuid.UUID(session_id)
         async with self._store.acquire() as conn, conn.transaction():
             current: str | None = await conn.fetchval(
@@ -228,6 +248,9 @@ class SessionChanges:
                 return None
             if not is_open(current):
                 raise Refused(current, f"session is {current}; no one can join it")
+            members = [r["user_id"] for r in await conn.fetch(PARTICIPANTS, key)]
+            if user_id not in members and len(members) >= cap:
+                raise TooManyParticipants(cap)
             # A user who joins as an agent is upgraded; an agent is never downgraded.
             changed = await conn.fetchval(
                 "INSERT INTO participants (session_id, user_id, role) VALUES ($1, $2, $3)"
@@ -251,6 +274,39 @@ class SessionChanges:
         record = session_from_row(row, members)
         if changed:
             await self.announce_soon(record.id)
+        return record
+
+    async def remove_participant(self, session_id: str, user_id: str) -> SessionRecord | None:
+        """Remove a participant (any status); None if no session, `NotParticipant` if absent.
+
+        The caller has checked who may remove whom; the owner is never removed here.
+        """
+        key = uuid.UUID(session_id)
+        async with self._store.acquire() as conn, conn.transaction():
+            owner: str | None = await conn.fetchval(
+                "SELECT owner FROM sessions WHERE id = $1 FOR UPDATE", key
+            )
+            if owner is None:
+                return None
+            if owner == user_id:
+                raise OwnerStays("the owner cannot leave; delete the session instead")
+            removed = await conn.fetchval(
+                "DELETE FROM participants WHERE session_id = $1 AND user_id = $2 RETURNING true",
+                key,
+                user_id,
+            )
+            if not removed:
+                raise NotParticipant(user_id)
+            row = await conn.fetchrow(
+                "UPDATE sessions SET version = version + 1, updated_at = now()"
+                " WHERE id = $1 RETURNING *",
+                key,
+            )
+            assert row is not None
+            members = [r["user_id"] for r in await conn.fetch(PARTICIPANTS, key)]
+        record = session_from_row(row, members)
+        # The cache then holds the new participants: the removed user's chats are refused.
+        await self.announce_soon(record.id)
         return record
 
     async def delete(self, session_id: str) -> bool:

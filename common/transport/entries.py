@@ -23,6 +23,9 @@ class ChatEntry:
     content: str
     metadata: dict[str, Any] | None
     accepted_ms: int
+    # Set only for a message a `service` token posted over HTTP (SPEC §6): `assistant`
+    # or `system`. Otherwise the sender's participant role decides (user or agent).
+    role: str | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))

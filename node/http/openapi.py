@@ -34,7 +34,8 @@ _REFUSED = {
     401: "missing, invalid or expired token",
     403: "not allowed",
     404: "not found, or not visible to the caller",
-    409: "the session's status does not allow this change",
+    409: "the session's state does not allow this (status, participant cap, the owner)",
+    413: "content over FANOUT_MAX_CONTENT",
     429: "too many: retry later",
     503: "Redis or Postgres unavailable, or the node is draining: retry",
 }

@@ -70,7 +70,9 @@ class SessionPage(Struct):
 class NewSession(Struct):
     """The caller owns the new session; it starts `pending`."""
 
-    participants: Annotated[list[str], Meta(max_length=MAX_PARTICIPANTS)] = []
+    participants: Annotated[
+        list[str], Meta(description="at most FANOUT_MAX_PARTICIPANTS (default 100) with the owner")
+    ] = []
     agent: Agent = "ai"
     ttl: Ttl | UnsetType = UNSET  # left out: FANOUT_SESSION_TTL
     metadata: Metadata = {}
@@ -87,6 +89,22 @@ class SessionChange(Struct):
 
 class Participant(Struct):
     user_id: str
+
+
+class NewMessage(Struct):
+    """A message posted over HTTP: a chat frame's fields, and a role for service tokens."""
+
+    client_msg_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str
+    metadata: Metadata | UnsetType = UNSET
+    role: Literal["user", "agent", "assistant", "system"] | UnsetType = UNSET
+
+
+class Accepted(Struct):
+    """Durably enqueued; the message is stored (once) and delivered by a worker."""
+
+    client_msg_id: str
+    session_id: str
 
 
 class Message(Struct):

@@ -27,11 +27,11 @@ from common.protocol import (
 )
 from common.store.lifecycle import SETTABLE, STATUSES, Refused
 from common.store.postgres import SessionCursor, SessionRecord
-from common.store.sessions import SessionChanges
+from common.store.sessions import SessionChanges, TooManyParticipants
 from node.http import schemas
 from node.http.base import ApiError, authenticate, json_response, read_body
 from node.http.routes import Route
-from node.http.schemas import MAX_PARTICIPANTS, MAX_TTL, PAGE_DEFAULT, PAGE_MAX
+from node.http.schemas import MAX_TTL, PAGE_DEFAULT, PAGE_MAX
 from node.state import STATE, NodeState
 
 PATCHABLE = frozenset({"status", "agent", "ttl", "metadata"})
@@ -117,9 +117,12 @@ async def create_session(request: web.Request) -> web.Response:
     state, identity = _caller(request)
     body = await read_body(request)
     participants = body.get("participants", [])
-    if not isinstance(participants, list) or len(participants) > MAX_PARTICIPANTS:
-        raise _bad(f"'participants' must be a list of up to {MAX_PARTICIPANTS} user ids")
+    cap = state.settings.max_participants
+    if not isinstance(participants, list) or len(participants) > cap:
+        raise _bad(f"'participants' must be a list of up to {cap} user ids")
     members = [_user_id(p, "participants") for p in participants]
+    if len({identity.user_id, *members}) > cap:
+        raise _bad(f"a session has at most {cap} participants, the owner included")
     record = await state.store.create_session(
         owner=identity.user_id,
         participants=members,
@@ -234,10 +237,15 @@ async def add_participant(request: web.Request) -> web.Response:
         raise ApiError(403, "FORBIDDEN", "only the owner adds participants; agents join themselves")
     try:
         joined = await _changes(state).add_participant(
-            session_id, user_id, role="agent" if agent_joins else "user"
+            session_id,
+            user_id,
+            role="agent" if agent_joins else "user",
+            cap=state.settings.max_participants,
         )
     except Refused as exc:
         raise ApiError(409, "SESSION_CLOSED", exc.message) from None
+    except TooManyParticipants as exc:
+        raise ApiError(409, "TOO_MANY_PARTICIPANTS", exc.message) from None
     if joined is None:
         raise _not_found()
     return json_response(joined.to_json())
