@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--role",
         action="append",
-        choices=["admin", "agent"],
+        choices=["admin", "agent", "service"],
         default=[],
         help="a role to grant (repeatable)",
     )

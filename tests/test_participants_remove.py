@@ -88,5 +88,5 @@ async def test_racing_adds_never_overshoot_the_cap(cluster: Cluster) -> None:
     )
     codes = sorted(code for code, _ in results)
     assert codes == [200] * 4 + [409] * 8, codes
-    code, body = await call(node, "GET", f"/api/v1/sessions/{session_id}", "olga")
+    _code, body = await call(node, "GET", f"/api/v1/sessions/{session_id}", "olga")
     assert len(body["participants"]) == 5
