@@ -8,6 +8,13 @@ from tests.harness import Cluster, connect, create_session, is_type, messages_in
 from tests.test_sessions_api import call, patch
 
 
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def _post(session_id: str) -> str:
     return f"/api/v1/sessions/{session_id}/messages"
 
@@ -117,6 +124,9 @@ async def test_the_body_is_validated_like_a_chat_frame(cluster: Cluster) -> None
         ({"client_msg_id": "m", "content": "x", "role": "boss"}, 400, "BAD_REQUEST"),
         ({"client_msg_id": "m", "content": "x", "extra": 1}, 400, "BAD_REQUEST"),
         ({"client_msg_id": "m", "content": "y" * 17}, 413, "MSG_TOO_LARGE"),
+        # Nested past what orjson encodes (255): refused, not a 500 (issue 13 item 3).
+        ({"client_msg_id": "m", "content": "x", "metadata": _nested(300)}, 400, "BAD_REQUEST"),
+        ({"client_msg_id": "m", "content": "x", "metadata": _nested(20)}, 400, "BAD_REQUEST"),
     ]
     for body, status, code in cases:
         got, answer = await call(node, "POST", path, "olga", json=body)

@@ -22,7 +22,8 @@ from common.transport.keys import partition_of
 from node.http import schemas
 from node.http.base import ApiError, json_response, read_body
 from node.http.routes import Route
-from node.http.sessions import _caller, _not_found, _session_id
+from node.http.sessions import _caller, _metadata, _not_found, _session_id
+from node.state import NodeState
 
 # Messages posted over HTTP carry this device id (the column says where one came from).
 HTTP_DEVICE = "http"
@@ -30,11 +31,15 @@ _STATUS = {ErrorCode.MSG_TOO_LARGE: 413}
 _FIELDS = frozenset({"client_msg_id", "content", "metadata", "role"})
 
 
-def _chat(session_id: str, body: dict[str, Any], max_content: int) -> Chat:
+def _chat(state: NodeState, session_id: str, body: dict[str, Any]) -> Chat:
     """The body as a `chat` frame, validated by the frame parser itself."""
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise ApiError(400, "BAD_REQUEST", f"unknown field {', '.join(unknown)}")
+    if body.get("metadata") is not None:
+        # Checked before the frame is encoded again: metadata nested past what orjson
+        # encodes would otherwise fail there (a 500), not in the parser (a 400).
+        _metadata(state, body["metadata"])
     frame = {
         "type": "chat",
         "id": body.get("client_msg_id"),
@@ -43,7 +48,12 @@ def _chat(session_id: str, body: dict[str, Any], max_content: int) -> Chat:
         "metadata": body.get("metadata"),
     }
     try:
-        parsed = parse_client_frame(orjson.dumps(frame), None, max_content)
+        parsed = parse_client_frame(
+            orjson.dumps(frame),
+            None,
+            state.settings.max_content,
+            max_metadata=state.settings.max_metadata,
+        )
     except ProtocolError as exc:
         message = exc.message.replace("'id'", "'client_msg_id'")
         raise ApiError(_STATUS.get(exc.code, 400), exc.code.value, message) from None
@@ -56,7 +66,7 @@ async def post_message(request: web.Request) -> web.Response:
     state, identity = _caller(request)
     session_id = _session_id(request)
     body = await read_body(request)
-    chat = _chat(session_id, body, state.settings.max_content)
+    chat = _chat(state, session_id, body)
     role = body.get("role")
     if role is not None and role not in ("user", "agent", *POSTED_ROLES):
         raise ApiError(400, "BAD_REQUEST", "'role' must be user, agent, assistant or system")
