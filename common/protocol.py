@@ -43,6 +43,7 @@ RETRYABLE = frozenset({ErrorCode.RATE_LIMIT, ErrorCode.UNAVAILABLE, ErrorCode.IN
 
 class CloseCode:
     GOING_AWAY = 1001
+    PROTOCOL = 1002
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL = 1011

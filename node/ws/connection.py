@@ -265,21 +265,30 @@ class Connection:
             self._drained.set()
         self._hooks.on_written(time.perf_counter() - since)
 
-    def close(self, code: int, reason: str) -> None:
-        """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it)."""
+    def close(self, code: int, reason: str, *, wait_for_peer: bool = True) -> None:
+        """Stop writing, then send a close frame (the peer has CLOSE_TIMEOUT to read it).
+
+        Without `wait_for_peer` the connection ends once the close frame is sent,
+        without reading the peer's answer (a flooder's would come behind its flood).
+        """
         if self._closing:
             return
         self._stop_writing()
-        self._closer = asyncio.create_task(self._close(code, reason), name=f"close-{self.conn_id}")
+        self._closer = asyncio.create_task(
+            self._close(code, reason, wait_for_peer), name=f"close-{self.conn_id}"
+        )
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def _close(self, code: int, reason: str, wait_for_peer: bool) -> None:
         wire = self._wire
         if wire is None:
             return
         wire.write_close(code, reason)
+        if not wait_for_peer:
+            wire.transport.close()  # after what is written, the close frame included
         try:
             # The peer answers with its close frame once it has read everything
-            # written before ours; then the transport flushes and closes.
+            # written before ours; then the transport flushes and closes. (Without
+            # waiting for that answer: until the close frame is flushed.)
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await wire.wait_peer_closed()
         except TimeoutError:
@@ -287,13 +296,14 @@ class Connection:
         else:
             wire.transport.close()
 
-    def closed_by_peer(self) -> None:
-        """The peer sent a close frame first: answer it and close (nothing more is sent)."""
+    def closed_by_peer(self, answer: int = 1000) -> None:
+        """The peer sent a close frame first: answer it (`answer`: 1002 for a close code
+        no peer may send) and close (nothing more is sent)."""
         if self._closing:
             return
         self._stop_writing()
         if self._wire is not None:
-            self._wire.write_close(1000, "")
+            self._wire.write_close(answer, "")
             self._wire.transport.close()
 
     def end(self) -> None:

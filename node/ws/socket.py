@@ -25,6 +25,7 @@ from common.protocol import (
     error_frame,
     parse_client_frame,
 )
+from common.wsframe import OP_PONG, frame_header
 from node.metrics import frame_kind
 from node.state import NodeState
 from node.ws.connection import Connection, RateLimiter
@@ -54,13 +55,16 @@ class _Refusals:
 
 _refusals = _Refusals()
 
-_TEXT, _BINARY, _PING, _PONG, _CLOSE = (
-    WSMsgType.TEXT,
-    WSMsgType.BINARY,
-    WSMsgType.PING,
-    int(WSMsgType.PONG),
-    WSMsgType.CLOSE,
-)
+_TEXT, _BINARY, _PING, _CLOSE = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.CLOSE
+
+
+def is_valid_close_code(code: int) -> bool:
+    """A close code a peer may send (RFC 6455 §7.4; 0: the close frame had none).
+
+    1005, 1006 and 1015 are for reporting only, never sent; 1004 is reserved.
+    """
+    return code == 0 or 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
 
 # Client frames waiting for the one before them to be handled (a chat waits for its
 # enqueue). Past this the socket is not read until half of them are done: the peer's
@@ -107,20 +111,43 @@ class ClientWire(Wire):
         conn = self._conn
         conn.heard()
         kind = msg[0]
-        if kind in (_TEXT, _BINARY):
-            if conn.closing:
-                return
-            if self._limiter is None:
-                settings = self._state.settings
-                self._limiter = RateLimiter(settings.rate, settings.rate_burst)
-            if _within_rate(self._state, conn, self._limiter):
-                self._queue(msg[1])
-        elif kind == _PING:
-            if not conn.closing:
-                self.write(_PONG, msg[1])
-        elif kind == _CLOSE:
+        if kind == _CLOSE:
             self.peer_closed()  # the answer to our close frame, if we sent one
-            conn.closed_by_peer()
+            code = msg[1]
+            conn.closed_by_peer(1000 if is_valid_close_code(code) else CloseCode.PROTOCOL)
+            return
+        # Every other frame costs the node a parse and (a ping) a write: control frames
+        # count toward the rate limit and the flooding rule like any other (SPEC §4).
+        if conn.closing or not self._within_rate():
+            return
+        if kind == _PING:
+            # Owed to the peer like any frame: counted toward FANOUT_SEND_QUEUE_BYTES.
+            payload = bytes(msg[1])
+            conn.send_framed(frame_header(OP_PONG, len(payload)) + payload)
+        elif kind in (_TEXT, _BINARY):
+            self._queue(msg[1])  # a binary frame (bytes) gets BAD_REQUEST, in its turn
+
+    def _within_rate(self) -> bool:
+        """False: the frame is dropped (RATE_LIMIT at most once a second; flooding closes
+        1008 and the socket is not read any more)."""
+        limiter = self._limiter
+        if limiter is None:
+            settings = self._state.settings
+            limiter = self._limiter = RateLimiter(settings.rate, settings.rate_burst)
+        if limiter.allow():
+            return True
+        conn = self._conn
+        self._state.metrics.received("rate_limited")
+        if limiter.flooding:
+            # A flooder's every frame costs the loop a parse and a callback, even
+            # dropped: it is not read any more, and gets its close without a wait for
+            # an answer it would send behind the flood.
+            self._paused = True
+            self.transport.pause_reading()
+            conn.close(CloseCode.POLICY, "flooding", wait_for_peer=False)
+        elif limiter.should_report():
+            conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
+        return False
 
     def failed(self, exc: BaseException) -> None:
         # The reader parses nothing after an error, the peer's close frame included:
@@ -226,22 +253,12 @@ async def depart_all(state: NodeState, within: float) -> None:
             await task
 
 
-def _within_rate(state: NodeState, conn: Connection, limiter: RateLimiter) -> bool:
-    """False: the frame is dropped (RATE_LIMIT at most once a second; flooding closes 1008)."""
-    if limiter.allow():
-        return True
-    state.metrics.received("rate_limited")
-    if limiter.flooding:
-        conn.close(CloseCode.POLICY, "flooding")
-    elif limiter.should_report():
-        conn.send(error_frame(ErrorCode.RATE_LIMIT, "too many frames; slow down"))
-    return False
-
-
 async def _handle(state: NodeState, conn: Connection, data: str | bytes) -> None:
     frame_id: str | None = None
     kind = "invalid"
     try:
+        if isinstance(data, bytes):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frames are not accepted: JSON text")
         frame = parse_client_frame(
             data,
             conn.session_id,

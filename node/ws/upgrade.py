@@ -18,10 +18,15 @@ from common.protocol import (
     is_valid_device_id,
 )
 from node.state import STATE, NodeState
+from node.ws.aiohttp_private import take_upgrade_tail
 from node.ws.connection import Connection
 from node.ws.socket import ClientWire, announce_presence, release_device
 
 log = logging.getLogger("fanout.node")
+
+# Seqs are JSON numbers for clients: integers up to 2^53 survive a JavaScript double.
+MAX_SEQ = 2**53
+MAX_SEQ_DIGITS = len(str(MAX_SEQ))
 
 
 def refuse(status: int, code: str, message: str) -> web.Response:
@@ -33,6 +38,17 @@ def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
     if header[:7].lower() == "bearer ":
         return header[7:].strip()
     return request.query.get("token") if allow_query else None
+
+
+def parse_last_seq(raw: str) -> int | None:
+    """`last_seq` as ASCII digits up to 2^53 (SPEC §4), else None.
+
+    Not `str.isdigit`: it takes '²' and '①', which `int` then refuses.
+    """
+    if not 1 <= len(raw) <= MAX_SEQ_DIGITS or not raw.isascii() or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if value <= MAX_SEQ else None
 
 
 def origin_allowed(state: NodeState, request: web.Request) -> bool:
@@ -49,6 +65,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return admitted
     conn, came_online, last_seq, ws = admitted
     try:
+        # Taken before `prepare` gives aiohttp's own frame parser what it holds.
+        tail = take_upgrade_tail(request)
         await ws.prepare(request)
         transport = request.transport
         if transport is None:
@@ -59,6 +77,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     wire = ClientWire(state, conn, transport)
     wire.take_over(request)
     conn.attach(wire)
+    wire.feed_tail(tail)  # its chat frames wait for the join, like any early frame
     state.metrics.connections_total.inc()
     state.metrics.connections_active.inc()
     state.hub.expiry.watch(conn)
@@ -102,9 +121,9 @@ async def _admit(
     last_seq_raw = request.query.get("last_seq")
     last_seq = None
     if last_seq_raw is not None:
-        if not last_seq_raw.isdigit():
-            return refuse(400, "BAD_REQUEST", "last_seq must be a non-negative integer")
-        last_seq = int(last_seq_raw)
+        last_seq = parse_last_seq(last_seq_raw)
+        if last_seq is None:
+            return refuse(400, "BAD_REQUEST", "last_seq must be an integer from 0 to 2^53")
 
     conn_id = uuid.uuid4().hex
     try:

@@ -23,11 +23,12 @@ import asyncio
 import struct
 from typing import Any, cast
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.http import WebSocketError, WebSocketReader
 
 from common.wsframe import frame_header
+from node.ws.maskcheck import MaskCheck
 
 _CLOSE_CODE = struct.Struct("!H")
 
@@ -52,7 +53,7 @@ class _Dispatch(WebSocketDataQueue):
     def set_exception(self, exc: BaseException, exc_cause: Any = None) -> None:
         wire = self.current
         if wire is not None:
-            wire.failed(exc)
+            wire.stream_failed(exc)
 
     def feed_eof(self) -> None:
         pass
@@ -80,6 +81,7 @@ class Wire(asyncio.Protocol):
     __slots__ = (
         "_closed_by_peer",
         "_lost",
+        "_masks",
         "_peer_closing",
         "_reader",
         "_unpaused",
@@ -88,9 +90,12 @@ class Wire(asyncio.Protocol):
 
     def __init__(self, transport: asyncio.Transport, *, max_msg_size: int) -> None:
         self.transport = transport
+        # aiohttp's reader refuses a message of `max_msg_size` bytes already; the node's
+        # limit is inclusive (SPEC §4: a frame of exactly FANOUT_MAX_FRAME is accepted).
         self._reader = WebSocketReader(
-            _shared_dispatch(), max_msg_size, compress=False, decode_text=True
+            _shared_dispatch(), max_msg_size + 1, compress=False, decode_text=True
         )
+        self._masks: MaskCheck | None = MaskCheck()
         self._lost = False
         # Made only while a writer waits on flow control, or a close waits for the peer.
         self._unpaused: asyncio.Future[None] | None = None
@@ -111,17 +116,35 @@ class Wire(asyncio.Protocol):
         handler.transport = None
         self.transport.set_protocol(self)
         handler.connection_lost(None)
-        # RFC 6455 §4.1: a client sends nothing before the server's handshake
-        # response, so aiohttp's own reader holds no frame that would be lost here.
+
+    def feed_tail(self, tail: bytes) -> None:
+        """Frames the client sent right behind the upgrade request, in the same read
+        (node/ws/aiohttp_private.take_upgrade_tail): parsed as if they came now."""
+        if tail:
+            self.data_received(tail)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        masks = self._masks
+        if masks is None:
+            return  # the stream failed: nothing after it is parsed
+        unmasked = masks.first_unmasked(data)
+        if unmasked >= 0:
+            data = data[:unmasked]  # the frames before it still count
         dispatch = _shared_dispatch()
         outer, dispatch.current = dispatch.current, self
         try:
-            self._reader.feed_data(data)
+            if data:
+                self._reader.feed_data(data)
         finally:
             dispatch.current = outer
+        if unmasked >= 0 and self._masks is not None:
+            self.stream_failed(WebSocketError(WSCloseCode.PROTOCOL_ERROR, "unmasked client frame"))
+
+    def stream_failed(self, exc: BaseException) -> None:
+        """The stream cannot be parsed past this point: nothing more is read from it."""
+        self._masks = None
+        self.failed(exc)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: a WebSocket has no half-closed state
