@@ -2,7 +2,9 @@
 
 Keys of one user share the hash tag ``{user_id}`` so that the seq counter, the
 delivery log, the dedupe markers and the user channel live in one Redis Cluster
-slot and can be touched by one script (SPEC §2).
+slot and can be touched by one script (SPEC §2). A user id may hold any character,
+braces included, so the tag holds it encoded (`user_tag`): a ``}`` in it would end the
+tag early and scatter one user's keys over several slots.
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ import zlib
 from dataclasses import dataclass
 
 CONSUMER_GROUP = "workers"
+
+# '%' first: the escape character escapes itself, so decoding is unambiguous.
+_TAG_ESCAPES = (("%", "%25"), ("{", "%7B"), ("}", "%7D"))
+
+
+def user_tag(user_id: str) -> str:
+    """The user id as it appears inside a key's hash tag: without braces, reversibly."""
+    if "{" not in user_id and "}" not in user_id and "%" not in user_id:
+        return user_id
+    for char, escaped in _TAG_ESCAPES:
+        user_id = user_id.replace(char, escaped)
+    return user_id
+
+
+def user_from_tag(tag: str) -> str:
+    """The inverse of `user_tag`."""
+    if "%" not in tag:
+        return tag
+    for char, escaped in reversed(_TAG_ESCAPES):
+        tag = tag.replace(escaped, char)
+    return tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +44,7 @@ class Keys:
 
     # -- per user (one slot: the hash tag is the user id) -----------------------------
     def user_channel(self, user_id: str) -> str:
-        return f"{self.ns}channel:user:{{{user_id}}}"
+        return f"{self.ns}channel:user:{{{user_tag(user_id)}}}"
 
     @property
     def user_channel_prefix(self) -> str:
@@ -33,22 +56,22 @@ class Keys:
 
     def user_from_channel(self, channel: bytes) -> str:
         """The user id inside a user channel name."""
-        return channel[len(self.user_channel_prefix) : -1].decode()
+        return user_from_tag(channel[len(self.user_channel_prefix) : -1].decode())
 
     def seq(self, user_id: str) -> str:
-        return f"{self.ns}seq:{{{user_id}}}"
+        return f"{self.ns}seq:{{{user_tag(user_id)}}}"
 
     def log(self, user_id: str) -> str:
-        return f"{self.ns}log:{{{user_id}}}"
+        return f"{self.ns}log:{{{user_tag(user_id)}}}"
 
     def delivered(self, user_id: str, delivery_key: str) -> str:
-        return f"{self.ns}dlv:{{{user_id}}}:{delivery_key}"
+        return f"{self.ns}dlv:{{{user_tag(user_id)}}}:{delivery_key}"
 
     def devices(self, user_id: str) -> str:
-        return f"{self.ns}devices:{{{user_id}}}"
+        return f"{self.ns}devices:{{{user_tag(user_id)}}}"
 
     def device_conns(self, user_id: str) -> str:
-        return f"{self.ns}devconn:{{{user_id}}}"
+        return f"{self.ns}devconn:{{{user_tag(user_id)}}}"
 
     # -- conversations ----------------------------------------------------------------
     def partition_stream(self, partition: int) -> str:

@@ -12,6 +12,9 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
 
 from common.auth import AuthError, TokenVerifier
 from common.config import ConfigError, Settings
@@ -25,6 +28,7 @@ from common.protocol import (
     metadata_depth,
     parse_client_frame,
 )
+from common.transport.keys import Keys, user_from_tag, user_tag
 
 SECRET = "unit-test-secret-0123456789abcdef-0123"
 SID = str(uuid.uuid4())
@@ -170,3 +174,30 @@ def test_settings_of_the_data_limits() -> None:
     ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({**base, name: bad})
+
+
+def _user_keys(keys: Keys, user: str) -> list[str]:
+    return [
+        keys.user_channel(user),
+        keys.seq(user),
+        keys.log(user),
+        keys.delivered(user, "m1"),
+        keys.devices(user),
+        keys.device_conns(user),
+    ]
+
+
+@pytest.mark.parametrize("user", ["}eve", "{x}", "a}b{c", "}", "%7D", "50%", "{}", "plain"])
+def test_a_users_keys_share_one_slot_whatever_braces_the_id_holds(user: str) -> None:
+    keys = Keys("ns:")
+    names = _user_keys(keys, user)
+    # The tag is the whole encoded id: one slot, and a different one from another user's.
+    assert {key_slot(k.encode()) for k in names} == {key_slot(user_tag(user).encode())}
+    assert "{" not in user_tag(user) and "}" not in user_tag(user)
+    assert keys.user_from_channel(keys.user_channel(user).encode()) == user
+
+
+@given(st.text(min_size=1, max_size=128))
+def test_user_tags_round_trip(user: str) -> None:
+    assert user_from_tag(user_tag(user)) == user
+    assert "{" not in user_tag(user) and "}" not in user_tag(user)
