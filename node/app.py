@@ -20,6 +20,7 @@ from common.store.sessions import SessionDirectory
 from common.transport.bus import Bus, connect_redis
 from common.transport.connection import command_connection
 from common.transport.keys import Keys
+from common.transport.tombstones import LogEraser
 from node.delivery.control import listening_for_commands
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
@@ -110,6 +111,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     hub=hub,
                     devices=devices,
                     metrics=metrics,
+                    eraser=LogEraser(redis, keys),
                     started_at=time.time(),
                 )
                 app[STATE] = state
@@ -136,6 +138,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                         with contextlib.suppress(asyncio.CancelledError):
                             await refresher
                         await depart_all(state, DEPART_WITHIN)
+                        await state.eraser.close()
                         await hub.close()
         finally:
             await redis.aclose()

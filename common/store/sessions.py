@@ -32,6 +32,7 @@ from common.store.postgres import PARTICIPANTS, SessionRecord, Store, iso_time, 
 from common.transport.bus import Bus
 from common.transport.connection import RespConnection
 from common.transport.keys import Keys
+from common.transport.tombstones import LogEraser
 
 log = logging.getLogger("fanout.sessions")
 
@@ -185,10 +186,19 @@ class SessionDirectory:
 class SessionChanges:
     """Changes sessions atomically in Postgres and announces each change once."""
 
-    def __init__(self, store: Store, bus: Bus, directory: SessionDirectory) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        directory: SessionDirectory,
+        eraser: LogEraser | None = None,
+    ) -> None:
         self._store = store
         self._bus = bus
         self._directory = directory
+        # Deletes erase the session's messages from the participants' delivery logs
+        # (SPEC §6); a process that never deletes (the worker) has none.
+        self._eraser = eraser
 
     async def update(
         self,
@@ -310,11 +320,25 @@ class SessionChanges:
         return record
 
     async def delete(self, session_id: str) -> bool:
-        """Delete a session, its participants and its messages; False if it was not there."""
-        deleted = await self._store.delete_session(session_id)
-        if deleted:
-            await self._directory.forget(session_id)
-        return deleted
+        """Delete a session, its participants and its messages, and erase its messages
+        from the participants' delivery logs; False if it was not there."""
+        # The participants as the delete found them: an add serialises with it on the
+        # session's row lock, and the subquery reads the rows before the cascade.
+        members: list[str] | None = await self._store.fetchval(
+            "DELETE FROM sessions WHERE id = $1"
+            " RETURNING ARRAY(SELECT user_id FROM participants WHERE session_id = $1)",
+            uuid.UUID(session_id),
+        )
+        if members is None:
+            return False
+        await self._directory.forget(session_id)
+        if self._eraser is not None:
+            try:
+                await self._eraser.erase(members, session_id)
+            except SERVICE_DOWN as exc:  # deleted all the same; the second pass may do it
+                log.warning("session %s: log erase failed (%r)", session_id, exc)
+            self._eraser.erase_again_later(members, session_id)
+        return True
 
     async def expire_overdue(self, limit: int) -> list[str]:
         """Expire up to `limit` open sessions past their TTL and announce it; their ids."""

@@ -52,7 +52,7 @@ def _not_found() -> ApiError:
 
 
 def _changes(state: NodeState) -> SessionChanges:
-    return SessionChanges(state.store, state.bus, state.sessions)
+    return SessionChanges(state.store, state.bus, state.sessions, state.eraser)
 
 
 def _user_id(value: Any, name: str) -> str:
