@@ -36,6 +36,8 @@ class ErrorCode(StrEnum):
     SESSION_CLOSED = "SESSION_CLOSED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    # An `auth` frame's token is invalid or expired; the connection's token stays.
+    BAD_TOKEN = "BAD_TOKEN"
 
 
 RETRYABLE = frozenset({ErrorCode.RATE_LIMIT, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL_ERROR})
@@ -85,7 +87,14 @@ class Ping:
     pass
 
 
-ClientFrame = Chat | Typing | Read | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """A fresh token for the connection (verified by the router, not here)."""
+
+    token: str
+
+
+ClientFrame = Chat | Typing | Read | Ping | Auth
 
 
 def is_valid_device_id(value: str) -> bool:
@@ -142,6 +151,13 @@ def parse_client_frame(
                 ErrorCode.BAD_REQUEST, "'message_id' must be a positive integer", frame_id
             )
         return Read(_session(raw, default_session, frame_id), message_id)
+    if kind == "auth":
+        token = raw.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "'token' must be a non-empty string", frame_id
+            )
+        return Auth(token)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind[:32]!r}", frame_id)
 
 

@@ -24,8 +24,18 @@ from common.transport.tombstones import LogEraser
 from node.delivery.control import listening_for_commands
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
-from node.http import admin, health, messages, openapi, participants, schemas, sessions
+from node.http import (
+    admin,
+    client,
+    health,
+    messages,
+    openapi,
+    participants,
+    schemas,
+    sessions,
+)
 from node.http.base import api_errors
+from node.http.cors import cors
 from node.http.deadlines import BODY_TIMEOUT, body_deadline
 from node.http.routes import Route, register
 from node.metrics import NodeMetrics
@@ -63,6 +73,7 @@ TABLES = (
     messages.ROUTES,
     admin.ROUTES,
     health.ROUTES,
+    client.ROUTES,
     WEBSOCKET,
 )
 
@@ -70,7 +81,9 @@ TABLES = (
 def create_app(settings: Settings) -> web.Application:
     """A node app; its resources open on startup and close on cleanup."""
     settings.require_jwt()
-    app = web.Application(middlewares=[body_deadline, api_errors], client_max_size=1024 * 1024)
+    app = web.Application(
+        middlewares=[cors, body_deadline, api_errors], client_max_size=1024 * 1024
+    )
     app[BODY_TIMEOUT] = settings.http_body_timeout
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_close_sockets)

@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.protocol import Chat, ClientFrame, Ping, Read, Typing
+from common.protocol import Auth, Chat, ClientFrame, Ping, Read, Typing
 from common.transport.keys import Keys
 from common.transport.queues import queue_depths
 
@@ -48,7 +48,13 @@ LATENCY_BUCKETS = (
     5.0,
 )
 
-_FRAME_TYPES: dict[type, str] = {Chat: "chat", Typing: "typing", Read: "read", Ping: "ping"}
+_FRAME_TYPES: dict[type, str] = {
+    Chat: "chat",
+    Typing: "typing",
+    Read: "read",
+    Ping: "ping",
+    Auth: "auth",
+}
 
 # A scrape storm (several Prometheus replicas, a dashboard) reads Redis at most this often.
 QUEUE_DEPTH_MAX_AGE = 1.0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+from common.auth import AuthError
 from common.protocol import (
+    Auth,
     Chat,
     ClientFrame,
+    CloseCode,
     ErrorCode,
     Ping,
     ProtocolError,
@@ -29,6 +32,8 @@ async def route(state: NodeState, conn: Connection, frame: ClientFrame) -> None:
         conn.send(PONG)
     elif isinstance(frame, Chat):
         await _chat(state, conn, frame)
+    elif isinstance(frame, Auth):
+        _reauthenticate(state, conn, frame.token)
     elif isinstance(frame, Typing):
         access = await _participant(state, conn, frame.session_id, None)
         typing = encode(
@@ -51,6 +56,24 @@ async def route(state: NodeState, conn: Connection, frame: ClientFrame) -> None:
             }
         )
         await state.bus.deliver([conn.user_id], body[1:])
+
+
+def _reauthenticate(state: NodeState, conn: Connection, token: str) -> None:
+    """Replace the connection's token (SPEC §4 `auth`): its expiry moves to the new `exp`."""
+    try:
+        identity = state.verifier.verify(token)
+    except AuthError as exc:
+        # The old token stays in force until it expires (the expiry timer still holds it).
+        raise ProtocolError(ErrorCode.BAD_TOKEN, str(exc)) from None
+    if conn.closing:
+        return  # departing: its expiry must not be watched again
+    if identity.user_id != conn.user_id:
+        conn.close(CloseCode.POLICY, "token for another user")
+        return
+    state.hub.expiry.forget(conn)
+    conn.expires_at = identity.expires_at
+    state.hub.expiry.watch(conn)
+    conn.send(encode({"type": "auth", "expires_at": identity.expires_at}))
 
 
 async def _participant(

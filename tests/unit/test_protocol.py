@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from common.protocol import (
+    Auth,
     Chat,
     ErrorCode,
     Ping,
@@ -38,6 +39,7 @@ def test_valid_frames() -> None:
     ) == Chat("a", SID, "hi", {"k": 1})
     assert parse({"type": "typing", "is_typing": True}, default=SID) == Typing(SID, True)
     assert parse({"type": "read", "session_id": SID, "message_id": 3}) == Read(SID, 3)
+    assert parse({"type": "auth", "token": "t.o.k"}) == Auth("t.o.k")
 
 
 @pytest.mark.parametrize(
@@ -76,6 +78,9 @@ def test_valid_frames() -> None:
             ErrorCode.BAD_REQUEST,
         ),
         ({"type": 5}, ErrorCode.BAD_REQUEST),
+        ({"type": "auth"}, ErrorCode.BAD_REQUEST),
+        ({"type": "auth", "token": ""}, ErrorCode.BAD_REQUEST),
+        ({"type": "auth", "token": 5}, ErrorCode.BAD_REQUEST),
         ({"type": "shout"}, ErrorCode.UNKNOWN_TYPE),
     ],
 )
