@@ -1,0 +1,161 @@
+"""fanout.js in real Chromium against real nodes and workers (SPEC §11, issue 15)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from playwright.async_api import Browser
+
+from tests.browser.fanout_page import fanout_page
+from tests.harness import Client, Cluster, connect, create_session, is_type
+
+SENDS = 40  # chats sent while one page's node is killed
+SEND_GAP = 0.05  # seconds between them
+
+
+def message_seqs(messages: list[dict[str, object]], client_msg_id: str) -> list[object]:
+    return [m["seq"] for m in messages if m["message"]["client_msg_id"] == client_msg_id]  # type: ignore[index]
+
+
+async def test_two_devices_on_two_nodes_and_another_participant(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    await cluster.worker()
+    session_id = await create_session(node1, "ann", ["ben"], agent="human")
+    async with (
+        fanout_page(browser, node1, "ann", "a1", [node1, node2]) as a1,
+        fanout_page(browser, node2, "ann", "a2", [node2, node1]) as a2,
+        fanout_page(browser, node2, "ben", "b1", [node2, node1]) as b1,
+    ):
+        await asyncio.gather(a1.wait_open("node-1"), a2.wait_open("node-2"), b1.wait_open())
+
+        # send() resolves on the ack; every device of both users gets the message.
+        acked = await a1.call("client.send(args[0], 'hello from a1')", session_id)
+        assert acked["session_id"] == session_id
+        sent_id = acked["id"]
+        pages = {"a1": a1, "a2": a2, "b1": b1}
+        for page in pages.values():
+            await page.wait_for(
+                f"log.messages.some((m) => m.message.client_msg_id === '{sent_id}')"
+            )
+        got = {name: await page.log("messages") for name, page in pages.items()}
+        a1_seqs, a2_seqs = message_seqs(got["a1"], sent_id), message_seqs(got["a2"], sent_id)
+        assert a1_seqs == a2_seqs and len(a1_seqs) == 1, (a1_seqs, a2_seqs)
+        assert len(message_seqs(got["b1"], sent_id)) == 1
+        ids = {m["message"]["id"] for frames in got.values() for m in frames}
+        assert len(ids) == 1
+        assert got["a1"][0]["message"]["content"] == "hello from a1"
+
+        # The other participant answers: both of ann's devices, one seq for it.
+        answer = await b1.call("client.send(args[0], 'hi ann')", session_id)
+        for page in (a1, a2):
+            await page.wait_for(
+                f"log.messages.some((m) => m.message.client_msg_id === '{answer['id']}')"
+            )
+        first = message_seqs(await a1.log("messages"), answer["id"])
+        second = message_seqs(await a2.log("messages"), answer["id"])
+        assert first == second and len(first) == 1
+        for page in pages.values():
+            assert await page.log("gaps") == []
+            assert await page.log("errors") == []
+
+
+async def send_paced(sender: Client, session_id: str, ids: list[str]) -> None:
+    """Chats one after another, each acked before the next; bounded by SENDS."""
+    for msg_id in ids:
+        await sender.chat(session_id, f"chat {msg_id}", msg_id)
+        await sender.until(is_type("ack", id=msg_id))
+        await asyncio.sleep(SEND_GAP)
+
+
+async def test_a_killed_node_moves_the_page_without_gap_or_duplicate(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    await cluster.worker()
+    session_id = await create_session(node1, "ann", ["ben"], agent="human")
+    ids = [f"m{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(SENDS)]
+    async with (
+        fanout_page(browser, node1, "ann", "a1", [node2, node1]) as page,
+        connect(node1, "ben", "b1") as ben,
+    ):
+        await page.wait_open("node-2")
+        sending = asyncio.create_task(send_paced(ben, session_id, ids))
+        try:
+            await page.wait_for("log.messages.length >= 8")
+            node2.kill()  # SIGKILL while the messages keep coming
+            await page.wait_open("node-1", timeout=20)
+            await sending
+        finally:
+            sending.cancel()
+        await page.wait_for(f"log.messages.length >= {SENDS}", timeout=20)
+        welcomes = await page.log("welcomes")
+        assert [w["node_id"] for w in welcomes] == ["node-2", "node-1"]
+        delivered = [m["message"]["client_msg_id"] for m in await page.log("messages")]
+        assert delivered == ids  # every chat, once, in order
+        seqs = await page.log("seqs")
+        start = welcomes[0]["last_seq"] + 1
+        assert seqs == list(range(start, start + len(seqs))), seqs  # every seq, no duplicate
+        assert await page.log("gaps") == []
+        resumed = await page.log("resumed")
+        assert len(resumed) == 1 and resumed[0]["complete"] is True
+        assert resumed[0]["from"] <= seqs[-1]
+
+
+async def test_a_page_stays_connected_past_several_token_expiries(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node = await cluster.node("node-1")
+    session_id = await create_session(node, "cy")
+    ttl = 3
+    async with fanout_page(browser, node, "cy", "c1", [node], ttl=ttl) as page:
+        await page.wait_open()
+        started = time.monotonic()
+        # Three tokens' lifetimes: each would close the socket (1008) if not replaced.
+        await page.wait_for("log.auths.length >= 3", timeout=4 * ttl)
+        while time.monotonic() - started < 3 * ttl:
+            await asyncio.sleep(0.2)
+        assert len(await page.log("welcomes")) == 1, await page.log("closes")
+        assert await page.log("closes") == []
+        assert await page.call("client.state") == "open"
+        auths = await page.log("auths")
+        assert len({a["expires_at"] for a in auths}) == len(auths)  # a fresh token each time
+        acked = await page.call("client.send(args[0], 'still here')", session_id)
+        assert acked["session_id"] == session_id
+
+
+async def test_typing_and_presence_reach_the_other_pages(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    session_id = await create_session(node1, "dee", ["eli"])
+    async with (
+        fanout_page(browser, node1, "dee", "d1", [node1]) as d1,
+        fanout_page(browser, node2, "eli", "e1", [node2]) as e1,
+    ):
+        await asyncio.gather(d1.wait_open(), e1.wait_open())
+        async with fanout_page(browser, node2, "dee", "d2", [node2]) as d2:
+            await d2.wait_open()
+            online = await d1.wait_for(
+                "log.presence.find((p) => p.device_id === 'd2' && p.status === 'online')"
+            )
+            assert online["user_id"] == "dee"
+            assert await e1.call("client.typing(args[0], true)", session_id) is True
+            for page in (d1, d2):
+                typing = await page.wait_for("log.typing.find((t) => t.user_id === 'eli')")
+                assert typing == {
+                    "type": "typing",
+                    "session_id": session_id,
+                    "user_id": "eli",
+                    "device_id": "e1",
+                    "is_typing": True,
+                }
+            await d2.call("client.close()")
+        offline = await d1.wait_for(
+            "log.presence.find((p) => p.device_id === 'd2' && p.status === 'offline')"
+        )
+        assert offline["user_id"] == "dee"
+        assert await e1.log("presence") == []  # presence is for the user's own devices
