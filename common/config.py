@@ -93,6 +93,10 @@ class Settings:
     webhook_retry_base: float = 1.0
     webhook_retry_cap: float = 300.0
     webhook_poll: float = 0.2
+    # -- browser client and demo (issue 15; node/static/client, worker/assistant/echo.py) --
+    # Seconds between the echo assistant's chunks: 0 answers at once (tests); the demo
+    # sets it so that a streamed reply can be watched arriving.
+    echo_delay: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -185,6 +189,7 @@ class Settings:
                 "FANOUT_WEBHOOK_RETRY_CAP", d.webhook_retry_cap, float, low=0.01
             ),
             webhook_poll=r.number("FANOUT_WEBHOOK_POLL", d.webhook_poll, float, low=0.01),
+            echo_delay=r.number("FANOUT_ECHO_DELAY", d.echo_delay, float, low=0, high=10),
         )
         _check_webhooks(settings)
         if settings.assistant == "openai" and not (

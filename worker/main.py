@@ -57,7 +57,7 @@ class Worker:
         directory = SessionDirectory(redis, store, keys, commands)
         writer = BatchWriter(store)
         self.replies = ReplyRunner(
-            assistant or EchoAssistant(),
+            assistant or EchoAssistant(delay=settings.echo_delay),
             store=store,
             bus=bus,
             writer=writer,

@@ -19,7 +19,8 @@ DEMO_ASSETS = {"demo.js": "text/javascript", "demo.css": "text/css"}
 # The demo loads only this node's files (no CDN, no inline script); its sockets and
 # API calls may go to any node of the cluster, whose URLs the user types in.
 DEMO_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src *; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self' http: https: ws: wss:; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 

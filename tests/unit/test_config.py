@@ -37,6 +37,7 @@ def test_defaults_match_the_spec() -> None:
         ("FANOUT_REDIS_CLUSTER", "maybe", "must be 0 or 1"),
         ("FANOUT_JWT_SECRET", "short", "at least 32 bytes"),
         ("FANOUT_NAMESPACE", "a{b}", "FANOUT_NAMESPACE"),
+        ("FANOUT_ECHO_DELAY", "-1", "FANOUT_ECHO_DELAY must be between"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, fragment: str) -> None:

@@ -23,7 +23,7 @@ async def open_generator(settings: Settings, store: Store) -> AsyncIterator[Repl
     """The configured generator; what it holds (an HTTP client, a user's `aclose`) is
     closed on exit."""
     if settings.assistant == "echo":
-        yield EchoAssistant()
+        yield EchoAssistant(delay=settings.echo_delay)
     elif settings.assistant == "openai":
         assert settings.assistant_url is not None  # Settings.from_env checks both
         assert settings.assistant_model is not None
