@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=JS, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        args, cwd=JS, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def test_client_unit_tests_pass_in_node() -> None:
