@@ -67,7 +67,8 @@ export interface SessionFrame {
   type: "session";
   seq: number;
   session_id: string;
-  status: SessionStatus;
+  /** "deleted": the session is gone (its messages' places in the log say so too). */
+  status: SessionStatus | "deleted";
   agent: "ai" | "human";
   expires_at: string;
 }

@@ -6,7 +6,6 @@
 // (resumed with `last_seq`, kept in localStorage per user and device); sends retried
 // with the same id until acked; a token refreshed before it expires (the `auth` frame).
 
-const SEQ_FRAMES = new Set(["message", "session", "notification", "read"]);
 const EVENT_FRAMES = new Set([
   "welcome", "message", "message_delta", "session", "typing", "read", "presence",
   "notification", "resumed", "auth",
@@ -452,7 +451,8 @@ export class FanoutClient {
 
   receive(frame) {
     this.emit("frame", frame);
-    if (SEQ_FRAMES.has(frame.type) && typeof frame.seq === "number") {
+    // Every frame with a seq is in the user's stream, whatever its type (SPEC §4).
+    if (typeof frame.seq === "number") {
       const verdict = this.seqs.accept(frame.seq);
       if (verdict === "duplicate") {
         this.duplicates += 1;
