@@ -10,6 +10,9 @@ Failure: when the connection drops, every command in flight fails with
 `ConnectionError` (the caller decides whether to retry: enqueues and deliveries are
 idempotent downstream) and the next command reconnects. A reply that does not come
 within `reply_timeout` (a frozen link) drops the connection the same way.
+
+What it borrows of redis-py beyond its documented API (error classes, URL parsing) is
+in common/transport/redis_private.py.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.commands.core import AsyncScript as Script
-from redis.connection import SSLConnection as SyncSSLConnection
-from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+
+from common.transport.redis_private import error_from_reply, url_settings
 
 # Seconds the oldest command may wait for its reply before the link counts as frozen.
 REPLY_TIMEOUT = 10.0
@@ -73,16 +75,7 @@ def address_of(redis: aioredis.Redis) -> dict[str, Any]:
 
 def address_from_url(url: str) -> dict[str, Any]:
     """The same description, from a redis:// rediss:// or unix:// URL."""
-    params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    return {
-        "host": params.get("host", "127.0.0.1"),
-        "port": params.get("port", 6379),
-        "path": params.get("path"),
-        "tls": params.get("connection_class") is SyncSSLConnection,
-        "db": params.get("db", 0),
-        "username": params.get("username"),
-        "password": params.get("password"),
-    }
+    return url_settings(url)
 
 
 async def open_transport(address: dict[str, Any], protocol: asyncio.Protocol) -> None:
@@ -283,7 +276,7 @@ class RespConnection:
         done = self._waiting.popleft()
         if not done.done():
             if isinstance(reply, hiredis.ReplyError):
-                done.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+                done.set_exception(error_from_reply(str(reply)))
             else:
                 done.set_result(reply)
         self._arm_watchdog()

@@ -28,9 +28,10 @@ from common.protocol import (
 from common.wsframe import OP_PONG, frame_header
 from node.metrics import frame_kind
 from node.state import NodeState
+from node.ws.aiohttp_private import close_code_of
 from node.ws.connection import Connection, RateLimiter
 from node.ws.router import route
-from node.ws.wire import Wire, close_code_of
+from node.ws.wire import Wire
 
 log = logging.getLogger("fanout.node")
 

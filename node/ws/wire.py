@@ -12,51 +12,45 @@ Frames out are written here, framed by common/wsframe.py (a message's frame is m
 once, for all its sockets); frames in are parsed by aiohttp's reader and handed to
 `received`/`failed` synchronously, from `data_received`.
 
-The take-over uses aiohttp internals, pinned with aiohttp's version in pyproject.toml
-and checked by tests/unit/test_wire.py: the reader's queue class, and
-`RequestHandler.transport`/`connection_lost` to let go of the transport.
+The take-over uses aiohttp internals, all of them behind node/ws/aiohttp_private.py
+(aiohttp's version pinned; tests/test_aiohttp_private.py checks what is relied on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp._websocket.reader import WebSocketDataQueue
-from aiohttp.http import WebSocketError, WebSocketReader
 
 from common.wsframe import frame_header
+from node.ws.aiohttp_private import MessageRelay, frame_reader, release_request, stream_error
 from node.ws.maskcheck import MaskCheck
 
 _CLOSE_CODE = struct.Struct("!H")
 
 
-class _Dispatch(WebSocketDataQueue):
-    """The reader's destination, shared by every socket.
+class _Dispatch(MessageRelay):
+    """The readers' destination, shared by every socket.
 
     aiohttp's reader hands each parsed message to its queue synchronously, inside the
     `feed_data` that `Wire.data_received` calls, so one queue knows which socket a
     message is for (`current`) and passes it straight on. A queue of its own per
-    socket would hold a deque and its bound methods (~0.8 KB) that stay empty. It
-    never counts what it passes on, so the reader never stalls on it.
+    socket would hold a deque and its bound methods (~0.8 KB) that stay empty.
     """
 
     current: Wire | None = None
 
-    def feed_data(self, data: Any, size: int) -> None:
+    def message(self, msg: Any) -> None:
         wire = self.current
         if wire is not None:
-            wire.received(data)
+            wire.received(msg)
 
-    def set_exception(self, exc: BaseException, exc_cause: Any = None) -> None:
+    def error(self, exc: BaseException) -> None:
         wire = self.current
         if wire is not None:
             wire.stream_failed(exc)
-
-    def feed_eof(self) -> None:
-        pass
 
 
 _dispatch: _Dispatch | None = None
@@ -65,8 +59,7 @@ _dispatch: _Dispatch | None = None
 def _shared_dispatch() -> _Dispatch:
     global _dispatch
     if _dispatch is None:
-        # The protocol and limit are only used by a queue that buffers; this one does not.
-        _dispatch = _Dispatch(cast(Any, None), 0, loop=asyncio.get_running_loop())
+        _dispatch = _Dispatch()
     return _dispatch
 
 
@@ -92,9 +85,7 @@ class Wire(asyncio.Protocol):
         self.transport = transport
         # aiohttp's reader refuses a message of `max_msg_size` bytes already; the node's
         # limit is inclusive (SPEC §4: a frame of exactly FANOUT_MAX_FRAME is accepted).
-        self._reader = WebSocketReader(
-            _shared_dispatch(), max_msg_size + 1, compress=False, decode_text=True
-        )
+        self._reader = frame_reader(_shared_dispatch(), max_msg_size + 1)
         self._masks: MaskCheck | None = MaskCheck()
         self._lost = False
         # Made only while a writer waits on flow control, or a close waits for the peer.
@@ -105,17 +96,12 @@ class Wire(asyncio.Protocol):
     def take_over(self, request: web.Request) -> None:
         """Move the upgraded socket from aiohttp's request handler to this protocol.
 
-        The handler must let go of the transport without closing it (its transport
-        attribute cleared first, so its `connection_lost` does not close it); from then
-        on aiohttp's request ends as if the client had left, and the handler's return
-        value is not written anywhere (there is no transport to write it to). The
-        handler's task goes on (the node's runner keeps aiohttp's default
-        `handler_cancellation=False`), so the code after this still runs.
+        aiohttp's handler lets go of the transport without closing it
+        (aiohttp_private.release_request); its request ends as if the client had left,
+        its return value is written nowhere, and the code after this still runs.
         """
-        handler = request.protocol
-        handler.transport = None
         self.transport.set_protocol(self)
-        handler.connection_lost(None)
+        release_request(request)
 
     def feed_tail(self, tail: bytes) -> None:
         """Frames the client sent right behind the upgrade request, in the same read
@@ -139,7 +125,7 @@ class Wire(asyncio.Protocol):
         finally:
             dispatch.current = outer
         if unmasked >= 0 and self._masks is not None:
-            self.stream_failed(WebSocketError(WSCloseCode.PROTOCOL_ERROR, "unmasked client frame"))
+            self.stream_failed(stream_error(WSCloseCode.PROTOCOL_ERROR, "unmasked client frame"))
 
     def stream_failed(self, exc: BaseException) -> None:
         """The stream cannot be parsed past this point: nothing more is read from it."""
@@ -213,10 +199,3 @@ class Wire(asyncio.Protocol):
         if self._closed_by_peer is None:
             self._closed_by_peer = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._closed_by_peer)
-
-
-def close_code_of(exc: BaseException) -> int:
-    """The close code for a stream that failed to parse (1009 too big, 1002, 1007...)."""
-    if isinstance(exc, WebSocketError):
-        return int(exc.code)
-    return 1011
