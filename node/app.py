@@ -20,6 +20,7 @@ from common.store.sessions import SessionDirectory
 from common.transport.bus import Bus, connect_redis
 from common.transport.connection import command_connection
 from common.transport.keys import Keys
+from common.transport.peer_rate import PeerLimiter
 from common.transport.tombstones import LogEraser
 from node.delivery.control import listening_for_commands
 from node.delivery.hub import Hub
@@ -125,6 +126,13 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     devices=devices,
                     metrics=metrics,
                     eraser=LogEraser(redis, keys),
+                    peers=PeerLimiter(
+                        redis,
+                        keys,
+                        rate=settings.peer_rate,
+                        burst=settings.peer_burst,
+                        commands=commands,
+                    ),
                     started_at=time.time(),
                 )
                 app[STATE] = state

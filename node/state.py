@@ -14,6 +14,7 @@ from common.store.postgres import Store
 from common.store.sessions import SessionDirectory
 from common.transport.bus import Bus
 from common.transport.keys import Keys
+from common.transport.peer_rate import PeerLimiter
 from common.transport.tombstones import LogEraser
 from node.delivery.hub import Hub
 from node.metrics import NodeMetrics
@@ -35,6 +36,8 @@ class NodeState:
     metrics: NodeMetrics
     # Deleted sessions' messages leave the delivery logs (SPEC §6); owned, closed at cleanup.
     eraser: LogEraser
+    # What one sender may push into another user's delivery log (FANOUT_PEER_RATE/BURST).
+    peers: PeerLimiter
     draining: bool = False
     started_at: float = field(default=0.0)
     # Shared by every connection (bound methods made once, not per socket).

@@ -73,6 +73,10 @@ class Keys:
     def device_conns(self, user_id: str) -> str:
         return f"{self.ns}devconn:{{{user_tag(user_id)}}}"
 
+    def peer_buckets(self, user_id: str) -> str:
+        """Hash of the user's rate buckets as a sender, one field per recipient."""
+        return f"{self.ns}peer:{{{user_tag(user_id)}}}"
+
     # -- conversations ----------------------------------------------------------------
     def partition_stream(self, partition: int) -> str:
         return f"{self.ns}channel:conv:p{partition}"

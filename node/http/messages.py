@@ -86,6 +86,10 @@ async def post_message(request: web.Request) -> web.Response:
             raise ApiError(403, "FORBIDDEN", f"only a service token posts as {role}")
     if not access.is_open:
         raise ApiError(409, "SESSION_CLOSED", f"session is {access.status}")
+    if not identity.is_service:  # a service is the deployment's own backend
+        crowded = await state.peers.refused(identity.user_id, access.participants)
+        if crowded is not None:
+            raise ApiError(429, "RATE_LIMIT", f"too many messages to {crowded[:64]!r}; retry later")
     entry = ChatEntry(
         session_id=session_id,
         client_msg_id=chat.id,

@@ -91,6 +91,11 @@ async def _chat(state: NodeState, conn: Connection, frame: Chat) -> None:
     access = await _participant(state, conn, frame.session_id, frame.id)
     if not access.is_open:
         raise ProtocolError(ErrorCode.SESSION_CLOSED, f"session is {access.status}", frame.id)
+    crowded = await state.peers.refused(conn.user_id, access.participants)
+    if crowded is not None:
+        raise ProtocolError(
+            ErrorCode.RATE_LIMIT, f"too many messages to {crowded[:64]!r}; retry later", frame.id
+        )
     entry = ChatEntry(
         session_id=frame.session_id,
         client_msg_id=frame.id,
