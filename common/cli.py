@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from common.config import ConfigError, Settings
+from common.errors import StartError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,9 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_worker(settings)
         elif args.command == "migrate":
-            from common.store.schema import migrate_sync
-
-            applied = migrate_sync(settings.database_url)
+            applied = _migrate(settings.database_url)
             print(f"schema up to date (applied: {', '.join(map(str, applied)) or 'none'})")
         elif args.command == "up":
             from common.localcluster.up import main as run_up
@@ -188,8 +187,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"fanout: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StartError as exc:
+        print(f"fanout {args.command}: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _migrate(database_url: str) -> list[int]:
+    """The migrations applied; an unreachable database is a StartError (one line)."""
+    import asyncpg
+
+    from common.probes import where
+    from common.store.schema import migrate_sync
+
+    try:
+        return migrate_sync(database_url)
+    except (
+        OSError,  # refused, unreachable, timed out
+        asyncpg.PostgresConnectionError,
+        asyncpg.InvalidAuthorizationSpecificationError,  # wrong user or password
+    ) as exc:
+        raise StartError(
+            f"cannot use Postgres at {where(database_url)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _port(value: int, flag: str) -> int:

@@ -97,6 +97,9 @@ class Settings:
     # Seconds between the echo assistant's chunks: 0 answers at once (tests); the demo
     # sets it so that a streamed reply can be watched arriving.
     echo_delay: float = 0.0
+    # -- start-up and local use (SPEC §3) --
+    # FANOUT_REUSE_PORT=1: several node processes may share one port (SO_REUSEPORT).
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -190,6 +193,7 @@ class Settings:
             ),
             webhook_poll=r.number("FANOUT_WEBHOOK_POLL", d.webhook_poll, float, low=0.01),
             echo_delay=r.number("FANOUT_ECHO_DELAY", d.echo_delay, float, low=0, high=10),
+            reuse_port=r.flag("FANOUT_REUSE_PORT", default=False),
         )
         _check_webhooks(settings)
         if settings.assistant == "openai" and not (
@@ -316,4 +320,6 @@ class _Reader:
         raw = self._raw(name) or ""
         if any(c in raw for c in "{}* \t"):
             raise ConfigError(f"{name} may not contain braces, '*' or spaces, got {raw!r}")
-        return raw
+        # `eco` means keys `eco:channel:conv:p0` (what a KEDA trigger names), not
+        # `ecochannel:conv:p0`; a prefix that already ends in ':' is kept as it is.
+        return raw if not raw or raw.endswith(":") else f"{raw}:"

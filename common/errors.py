@@ -16,3 +16,7 @@ SERVICE_DOWN: tuple[type[Exception], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+
+
+class StartError(RuntimeError):
+    """A process cannot start (a service down, a port in use); the message is one line."""

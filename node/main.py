@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -11,10 +12,13 @@ import sys
 from aiohttp import web
 
 from common.config import Settings
+from common.errors import SERVICE_DOWN
 from common.logs import setup_logging
+from common.probes import Checks
 from common.runtime import run, stop_event
 from node.app import create_app, drain
 from node.http.deadlines import runner_options
+from node.startup import listening_socket, stand_in, wait_for_services
 
 log = logging.getLogger("fanout.node")
 
@@ -23,36 +27,67 @@ STUCK_GRACE = 10.0
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
-    app = create_app(settings)
-    # The whole stop fits in FANOUT_DRAIN_TIMEOUT: the drain gets most of it, the
-    # runner's own wait for stuck handlers the rest.
-    cleanup_budget = min(2.0, settings.drain_timeout / 4)
-    runner = web.AppRunner(
-        app, shutdown_timeout=cleanup_budget, access_log=None, **runner_options(settings)
-    )
-    await runner.setup()
+    sock = listening_socket(host, port, reuse_port=settings.reuse_port)
     stop = stop_event()
-    site = web.TCPSite(runner, host, port, reuse_port=True)
-    await site.start()
-    log.info(
-        "node %s listening on %s:%d (%s mode)",
-        settings.node_id,
-        host,
-        port,
-        settings.subscription_mode,
-    )
+    try:
+        checks: Checks = {"redis": "not tried yet", "postgres": "not tried yet"}
+        log.info("node %s listening on %s:%d", settings.node_id, host, port)
+        async with stand_in(sock, checks):
+            runner = await _start_app(settings, checks, stop)
+        if runner is None:
+            log.info("node %s stopped before Redis and Postgres answered", settings.node_id)
+            return
+        await web.SockSite(runner, sock).start()
+        log.info("node %s serving (%s mode)", settings.node_id, settings.subscription_mode)
+        await _serve_until_stopped(settings, runner, stop)
+    finally:
+        sock.close()
+    log.info("node %s stopped", settings.node_id)
+
+
+async def _start_app(
+    settings: Settings, checks: Checks, stop: asyncio.Event
+) -> web.AppRunner | None:
+    """The node's app, set up once Redis and Postgres answer; None if stopped first."""
+    while await wait_for_services(settings, checks, stop):
+        # The whole stop fits in FANOUT_DRAIN_TIMEOUT: the drain gets most of it, the
+        # runner's own wait for stuck handlers the rest.
+        runner = web.AppRunner(
+            create_app(settings),
+            shutdown_timeout=_cleanup_budget(settings),
+            access_log=None,
+            **runner_options(settings),
+        )
+        try:
+            await runner.setup()
+        except SERVICE_DOWN as exc:
+            # It answered the probe and went away again before the app opened it.
+            log.warning("start interrupted (%s: %s); waiting again", type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+            continue
+        return runner
+    return None
+
+
+def _cleanup_budget(settings: Settings) -> float:
+    return min(2.0, settings.drain_timeout / 4)
+
+
+async def _serve_until_stopped(
+    settings: Settings, runner: web.AppRunner, stop: asyncio.Event
+) -> None:
     try:
         await stop.wait()
         _arm_watchdog(settings.drain_timeout + STUCK_GRACE)
         log.info("draining: closing sockets with 1001")
         await drain(
-            app, settings.drain_timeout - cleanup_budget
+            runner.app, settings.drain_timeout - _cleanup_budget(settings)
         )  # still listening: /readyz says 503 until the sockets are gone
     finally:
         # Stops listening, runs on_shutdown (1001 to any socket left), waits for handlers
         # up to the cleanup budget, then closes Redis and Postgres.
         await runner.cleanup()
-    log.info("node %s stopped", settings.node_id)
 
 
 def _arm_watchdog(after: float) -> None:

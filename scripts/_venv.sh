@@ -24,8 +24,28 @@ fi
 # Reinstall when pyproject.toml changed since the last successful install.
 stamp=.venv/.fanout-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-    echo "fanout: installing dependencies into .venv ..." >&2
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]' \
-        || { echo "fanout: pip install failed (see above)" >&2; exit 1; }
+    echo "fanout: installing dependencies into .venv (first run: about half a minute) ..." >&2
+    # One progress line (the package being fetched or installed); the full output is kept
+    # in .venv/pip-install.log and shown when the install fails.
+    pip_log=.venv/pip-install.log
+    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+        -e '.[dev,embedded]' >"$pip_log" 2>&1 &
+    pip_pid=$!
+    while kill -0 "$pip_pid" 2>/dev/null; do
+        if [[ -t 2 ]]; then
+            step=$(grep -E '^(Collecting|Building|Installing|Processing)' "$pip_log" | tail -n 1 || true)
+            printf '\r\033[Kfanout: %.70s' "${step:-starting pip}" >&2
+        fi
+        sleep 1
+    done
+    status=0
+    wait "$pip_pid" || status=$?
+    if [[ -t 2 ]]; then printf '\r\033[K' >&2; fi
+    if [[ $status != 0 ]]; then
+        grep -v "is ignored: it is neither" "$pip_log" | tail -n 20 >&2
+        echo "fanout: pip install failed (full output: $pip_log)" >&2
+        exit 1
+    fi
+    echo "fanout: dependencies installed" >&2
     touch "$stamp"
 fi

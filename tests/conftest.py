@@ -1,9 +1,11 @@
-"""Fixtures: real Redis and Postgres (embedded ones when the defaults do not answer),
-a database and a Redis namespace of its own for every test."""
+"""Fixtures: a redis-server of this test run's own (never the machine's 6379), Postgres
+(the default one when it answers, else an embedded one), a database and a Redis
+namespace of its own for every test."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,21 +15,27 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.config import Settings
-from common.localcluster.embedded import Services, local_services
+from common.localcluster.embedded import Services, embedded_redis, local_services
 from common.store.schema import migrate
-from tests.harness import ROOT, SECRET, Cluster
+from tests.harness import ROOT, SECRET, Cluster, free_port
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES = "postgresql://127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
-def services() -> Iterator[Services]:
-    """The shared Redis and Postgres, or embedded ones started for this test run."""
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """This run's own Redis, and Postgres (shared or embedded; every test has its own database)."""
+    # A redis-server of our own on a free port: the tests flush scripts and fill
+    # keyspaces, which must never reach a developer's Redis.
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
     # A stable folder: an embedded Postgres is initialised once and reused across runs.
     data = ROOT / ".fanout-data" / "tests"
     data.mkdir(parents=True, exist_ok=True)
-    with local_services(data, redis_url=DEFAULT_REDIS, database_url=DEFAULT_POSTGRES) as found:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(embedded_redis(tmp_path_factory.mktemp("redis"), redis_url))
+        found = stack.enter_context(
+            local_services(data, redis_url=redis_url, database_url=DEFAULT_POSTGRES)
+        )
         yield found
 
 

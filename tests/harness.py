@@ -96,10 +96,13 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    async def node(self, name: str | None = None, **env: str) -> Proc:
-        port = free_port()
+    async def node(
+        self, name: str | None = None, *, ready: bool = True, port: int | None = None, **env: str
+    ) -> Proc:
+        port = port or free_port()
         proc = self._spawn(name or unique("node"), ["node", "--port", str(port)], env, port)
-        await wait_ready(proc)
+        if ready:
+            await wait_ready(proc)
         return proc
 
     async def worker(self, name: str | None = None, *, ready: bool = True, **env: str) -> Proc:

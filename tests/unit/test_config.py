@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from common.config import ConfigError, Settings
+from common.transport.keys import Keys
 
 GOOD_SECRET = "s" * 32
 
@@ -83,3 +84,9 @@ def test_node_without_a_key_exits_with_one_line() -> None:
     assert done.returncode == 2
     assert "FANOUT_JWT_SECRET or FANOUT_JWT_PUBLIC_KEY is required" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("raw", "prefix"), [("eco", "eco:"), ("eco:", "eco:"), ("", "")])
+def test_namespace_is_separated_from_the_key(raw: str, prefix: str) -> None:
+    keys = Keys(Settings.from_env({"FANOUT_NAMESPACE": raw}).namespace)
+    assert keys.partition_stream(0) == f"{prefix}channel:conv:p0"
