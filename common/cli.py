@@ -10,6 +10,11 @@ from dataclasses import replace
 from common.config import ConfigError, Settings
 from common.errors import StartError
 
+_DATA_DIR_HELP = (
+    "the data folder of a running `fanout up` (default ./.fanout-data): without "
+    "FANOUT_JWT_SECRET its development secret signs the tokens"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description=__doc__)
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a role to grant (repeatable)",
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
 
     _loadtest_parser(sub)
     return parser
@@ -73,8 +79,8 @@ def _loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     lt.add_argument(
         "--url",
         action="append",
-        help="node WebSocket URL, repeatable; connections go round-robin "
-        "(default ws://127.0.0.1:8080/ws)",
+        help="node WebSocket URL, repeatable; connections go round-robin (default: every "
+        "node of the `fanout up` running here, else ws://127.0.0.1:8080/ws)",
     )
     lt.add_argument("--mode", choices=["idle", "fanout", "chat"], default="fanout")
     lt.add_argument("--connections", type=int, default=1000, help="connections (default 1000)")
@@ -129,6 +135,7 @@ def _loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="keep the run's users' Redis keys and chat sessions (deleted by default)",
     )
+    lt.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     lt.add_argument("--json", action="store_true", help="print the report as JSON")
     lt.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -168,8 +175,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "token":
             from common.auth import mint_token
 
+            settings = _local(settings, args.data_dir)
             if not settings.jwt_secret:
-                raise ConfigError("`fanout token` signs with FANOUT_JWT_SECRET; set it")
+                raise ConfigError(
+                    "`fanout token` signs with FANOUT_JWT_SECRET: set it, or start "
+                    "`fanout up` here first (it makes a development secret)"
+                )
             print(
                 mint_token(
                     settings.jwt_secret,
@@ -183,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "loadtest":
             from common.loadtest.run import main as run_loadtest
 
-            run_loadtest(args, settings)
+            if not args.url:
+                args.url = _local_urls(args.data_dir)
+            run_loadtest(args, _local(settings, args.data_dir))
     except ConfigError as exc:
         print(f"fanout: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -192,6 +205,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _local(settings: Settings, data_dir: str | None) -> Settings:
+    """settings completed from a `fanout up` running in data_dir (secret, Redis, namespace)."""
+    import os
+
+    from common.localcluster import devinfo
+
+    return devinfo.for_local_use(settings, devinfo.data_dir(data_dir), os.environ)
+
+
+def _local_urls(data_dir: str | None) -> list[str] | None:
+    """Every node of a `fanout up` running in data_dir, None if none runs there."""
+    from common.localcluster import devinfo
+
+    cluster = devinfo.running_cluster(devinfo.data_dir(data_dir))
+    return list(cluster.ws_urls) if cluster else None
 
 
 def _migrate(database_url: str) -> list[int]:

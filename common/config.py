@@ -100,6 +100,9 @@ class Settings:
     # -- start-up and local use (SPEC §3) --
     # FANOUT_REUSE_PORT=1: several node processes may share one port (SO_REUSEPORT).
     reuse_port: bool = False
+    # FANOUT_CLI: how the user runs this command (scripts/dev sets it), so that the
+    # commands `fanout up` prints work as printed.
+    cli_name: str = "fanout"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -194,6 +197,7 @@ class Settings:
             webhook_poll=r.number("FANOUT_WEBHOOK_POLL", d.webhook_poll, float, low=0.01),
             echo_delay=r.number("FANOUT_ECHO_DELAY", d.echo_delay, float, low=0, high=10),
             reuse_port=r.flag("FANOUT_REUSE_PORT", default=False),
+            cli_name=r.optional("FANOUT_CLI") or d.cli_name,
         )
         _check_webhooks(settings)
         if settings.assistant == "openai" and not (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import secrets
 import signal
 import sys
 import time
@@ -28,16 +27,17 @@ import asyncpg
 
 from common.auth import mint_token
 from common.config import ConfigError, Settings
+from common.localcluster import devinfo
 from common.localcluster.embedded import EmbeddedError, Services, last_log_line, local_services
 from common.localcluster.processes import spawn
 from common.store.schema import migrate_sync
 
-DEFAULT_DATA_DIR = ".fanout-data"
 MAX_PROCESSES = 32
 WORKER_PORT_OFFSET = 100
 READY_TIMEOUT = 30.0
 KILL_MARGIN = 5.0
 TOKEN_USER = "alice"
+ADMIN_USER = "admin"
 TOKEN_TTL = 86400
 
 
@@ -75,16 +75,16 @@ def main(settings: Settings, *, nodes: int, workers: int, port: int, data_dir: s
             f"--port {port} leaves no room for worker ports "
             f"{port + WORKER_PORT_OFFSET}..; use a lower one"
         )
-    folder = Path(data_dir or DEFAULT_DATA_DIR).resolve()
+    folder = devinfo.data_dir(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    dev_secret = None if settings.jwt_secret or settings.jwt_public_key else _dev_secret(folder)
+    secret = None if settings.jwt_secret or settings.jwt_public_key else devinfo.dev_secret(folder)
     with _stop_signals_interrupt():
         try:
             with local_services(
                 folder, redis_url=settings.redis_url, database_url=settings.database_url
             ) as services:
                 _migrate(services.database_url)
-                _run_cluster(settings, services, folder, nodes, workers, port, dev_secret)
+                _run_cluster(settings, services, folder, nodes, workers, port, secret)
         except KeyboardInterrupt:
             print("fanout up: stopped", flush=True)
         except (EmbeddedError, StartupError) as exc:
@@ -95,20 +95,6 @@ def main(settings: Settings, *, nodes: int, workers: int, port: int, data_dir: s
 def _check_count(flag: str, value: int) -> None:
     if not 1 <= value <= MAX_PROCESSES:
         raise ConfigError(f"{flag} must be between 1 and {MAX_PROCESSES}, got {value}")
-
-
-def _dev_secret(folder: Path) -> str:
-    # Kept in the data folder so tokens stay valid across restarts.
-    path = folder / "jwt-secret"
-    with suppress(FileNotFoundError):
-        kept = path.read_text().strip()
-        if kept:
-            return kept
-    secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
 
 
 @contextmanager
@@ -164,8 +150,13 @@ def _run_cluster(
                 _start(f"worker-{j + 1}", "worker", port + WORKER_PORT_OFFSET + j, env, folder)
             )
         _wait_ready(children)
-        print(_banner(settings, children, services, folder, dev_secret), flush=True)
-        _watch(children)
+        ws_urls = tuple(
+            f"ws://127.0.0.1:{c.port}/ws" for c in children if c.name.startswith("node-")
+        )
+        running = devinfo.LocalCluster(os.getpid(), ws_urls, services.redis_url, settings.namespace)
+        with devinfo.recorded(folder, running):
+            print(_banner(settings, children, services, folder, dev_secret), flush=True)
+            _watch(children)
     finally:
         _stop_children(children, settings.drain_timeout + KILL_MARGIN)
 
@@ -273,6 +264,7 @@ def _banner(
     folder: Path,
     dev_secret: str | None,
 ) -> str:
+    """What is running, and commands that work as printed (tests/test_up.py runs them)."""
     nodes = [c for c in children if c.name.startswith("node-")]
     workers = [c for c in children if c.name.startswith("worker-")]
 
@@ -280,34 +272,42 @@ def _banner(
         how = "embedded" if name in services.started else "existing"
         return f"{name.capitalize()} {how} at {_where(url)}"
 
+    first = f"http://127.0.0.1:{nodes[0].port}"
     lines = [
         f"fanout up: ready - {len(nodes)} node(s), {len(workers)} worker(s); "
         f"{origin('redis', services.redis_url)}, "
         f"{origin('postgres', services.database_url)}"
     ]
     for c in nodes:
-        base = f"http://127.0.0.1:{c.port}"
-        lines.append(f"  {c.name:<10} {base}  ws://127.0.0.1:{c.port}/ws  {base}/dashboard")
+        lines.append(f"  {c.name:<10} http://127.0.0.1:{c.port}  ws://127.0.0.1:{c.port}/ws")
     for c in workers:
         lines.append(f"  {c.name:<10} http://127.0.0.1:{c.port}/readyz")
-    if dev_secret:
-        token = mint_token(
-            dev_secret,
-            TOKEN_USER,
-            ttl=TOKEN_TTL,
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-        )
-        lines.append(f"  token for {TOKEN_USER} (24 h): export TOKEN={token}")
-        lines.append(
-            f"  other users: FANOUT_JWT_SECRET=$(cat {folder / 'jwt-secret'}) fanout token USER"
-        )
-    elif settings.jwt_secret:
-        lines.append(f"  token: export TOKEN=$(fanout token {TOKEN_USER})")
-    lines.append(
-        '  try: curl -X POST -H "Authorization: Bearer $TOKEN" '
-        f"-d '{{\"participants\": []}}' http://127.0.0.1:{nodes[0].port}/api/v1/sessions"
-    )
+    secret = dev_secret or settings.jwt_secret
+    if secret is None:
+        lines.append(f"  dashboard  {first}/dashboard  (sign in with an admin token of your key)")
+        lines.append("  tokens: sign them with the private key of FANOUT_JWT_PUBLIC_KEY")
+    else:
+
+        def token(user: str, roles: list[str]) -> str:
+            return mint_token(
+                secret,
+                user,
+                roles=roles,
+                ttl=TOKEN_TTL,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+
+        cli = settings.cli_name
+        lines += [
+            f"  dashboard  {first}/dashboard#token={token(ADMIN_USER, ['admin'])}",
+            f"  token for {TOKEN_USER} (24 h), then a session, another user's token, some load:",
+            f"    export TOKEN={token(TOKEN_USER, [])}",
+            '    curl -X POST -H "Authorization: Bearer $TOKEN" '
+            f"-d '{{\"participants\": []}}' {first}/api/v1/sessions",
+            f"    {cli} token bob   # --role admin|agent for those roles",
+            f"    {cli} loadtest --connections 100 --duration 5   # over all {len(nodes)} node(s)",
+        ]
     lines.append(f"  logs: {folder / 'logs'}   Ctrl-C stops everything")
     return "\n".join(lines)
 

@@ -395,6 +395,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("signout").addEventListener("click", signOut);
   window.addEventListener("resize", () => drawCharts(Date.now()));
-  if (state.token) signIn(state.token);
+  // `fanout up` prints /dashboard#token=...: a fragment never reaches a server or its logs;
+  // it is taken into sessionStorage and removed from the address bar.
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromLink) {
+    history.replaceState(null, "", location.pathname + location.search);
+    signIn(fromLink);
+  } else if (state.token) signIn(state.token);
   else showLogin("");
 });
