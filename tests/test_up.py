@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -21,17 +20,17 @@ import aiohttp
 import pytest
 
 from common.auth import mint_token
-from tests.harness import ROOT, SECRET, Client, free_port, is_type
+from tests.harness import ROOT, Client, free_port, is_type
 
 READY_TIMEOUT = 60.0  # a first start runs initdb
 STOP_TIMEOUT = 40.0
 
 
 def _free_node_port() -> int:
-    """A port P free for the node with P + 100 free for the worker."""
+    """A port P free for the first node with P + 1 (second node) and P + 100 (worker) free."""
     for _ in range(50):
         port = free_port()
-        if port + 100 <= 65535 and _is_free(port + 100):
+        if port + 100 <= 65535 and _is_free(port + 1) and _is_free(port + 100):
             return port
     raise RuntimeError("no free port pair")
 
@@ -103,27 +102,25 @@ def data_dir() -> Iterator[Path]:
 
 async def test_up_starts_embedded_services_serves_a_chat_and_stops_clean(data_dir: Path) -> None:
     redis_port, postgres_port, node_port = free_port(), free_port(), _free_node_port()
-    worker_port = node_port + 100
-    ports = (redis_port, postgres_port, node_port, worker_port)
+    ports = (redis_port, postgres_port, node_port, node_port + 1, node_port + 100)
     assert not any(_accepts(p) for p in ports)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
-    env.update(
-        FANOUT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        FANOUT_DATABASE_URL=f"postgresql://127.0.0.1:{postgres_port}/fanout",
-        FANOUT_JWT_SECRET=SECRET,
-        FANOUT_PARTITIONS="4",
-        FANOUT_DRAIN_TIMEOUT="5",
-    )
+    # As a newcomer runs it: scripts/dev, no FANOUT_JWT_SECRET (up makes a dev secret).
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
+    env = {
+        **clean,
+        "FANOUT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "FANOUT_DATABASE_URL": f"postgresql://127.0.0.1:{postgres_port}/fanout",
+        "FANOUT_PARTITIONS": "4",
+        "FANOUT_DRAIN_TIMEOUT": "5",
+    }
     output = data_dir / "up.out"
     with output.open("wb") as out:
         up = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "common.cli",
+                "scripts/dev",
                 "up",
                 "--nodes",
-                "1",
+                "2",
                 "--workers",
                 "1",
                 "--port",
@@ -142,11 +139,16 @@ async def test_up_starts_embedded_services_serves_a_chat_and_stops_clean(data_di
         await _wait_ready(up, node_port, output)
         seen = _descendants(up.pid)
         commands = " ".join(_cmdline(pid) for pid in seen)
-        assert "redis-server" in commands and "postgres" in commands, commands
-        assert "Redis embedded" in output.read_text(), output.read_text()
+        assert "redis-server" in commands or "valkey-server" in commands, commands
+        assert "postgres" in commands, commands
+        banner = output.read_text()
+        assert "Redis embedded" in banner, banner
+        assert (data_dir / "cluster.json").exists()
 
+        secret = (data_dir / "jwt-secret").read_text().strip()
+        await _printed_commands_work(banner, node_port, clean)
         try:
-            await _chat_end_to_end(node_port)
+            await _chat_end_to_end(node_port, secret)
         except (AssertionError, TimeoutError, ConnectionError) as exc:
             raise AssertionError(f"chat failed: {exc!r}\n{_logs(data_dir)}") from exc
         seen.update(_descendants(up.pid))
@@ -158,8 +160,50 @@ async def test_up_starts_embedded_services_serves_a_chat_and_stops_clean(data_di
         print(f"stopped in {time.monotonic() - started:.1f} s")
         assert not _still_running(seen), _still_running(seen)
         assert not [p for p in ports if _accepts(p)], output.read_text()
+        assert not (data_dir / "cluster.json").exists()
     finally:
         _kill_leftovers(up, seen)
+
+
+def _printed(banner: str, marker: str) -> str:
+    """The one banner line holding marker, without its indentation."""
+    found = [line.strip() for line in banner.splitlines() if marker in line]
+    assert len(found) == 1, (marker, banner)
+    return found[0]
+
+
+def _shell(command: str, env: dict[str, str], timeout: float = 60) -> str:
+    """Run a printed command in bash from the repository root, as a user would; its stdout."""
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, f"{command!r} exited {result.returncode}:\n{result}"
+    return result.stdout
+
+
+async def _printed_commands_work(banner: str, port: int, env: dict[str, str]) -> None:
+    """Every command the banner prints, run as printed (no FANOUT_* in the environment)."""
+    base = f"http://127.0.0.1:{port}"
+    export = _printed(banner, "export TOKEN=")
+    curl = _printed(banner, "curl ")
+    if shutil.which("curl"):
+        made = _shell(f"{export}\n{curl}", env)
+        assert '"status":"pending"' in made.replace(" ", ""), made
+    bob = _shell(_printed(banner, " token bob"), env).strip()
+    admin = _printed(banner, "/dashboard#token=").split("#token=", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        for token, path in ((bob, "/api/v1/sessions"), (admin, "/admin/stats")):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(f"{base}{path}", headers=headers) as resp:
+                assert resp.status == 200, (path, await resp.text())
+    report = _shell(_printed(banner, " loadtest "), env, timeout=90)
+    assert "2 node URL(s)" in report, report
 
 
 def _logs(data_dir: Path) -> str:
@@ -184,8 +228,8 @@ async def _wait_ready(up: subprocess.Popen[bytes], port: int, output: Path) -> N
     raise AssertionError(f"not ready after {READY_TIMEOUT} s:\n{output.read_text()}")
 
 
-async def _chat_end_to_end(port: int) -> None:
-    auth = {"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"}
+async def _chat_end_to_end(port: int, secret: str) -> None:
+    auth = {"Authorization": f"Bearer {mint_token(secret, 'alice')}"}
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(headers=auth) as http:
         async with http.post(f"{base}/api/v1/sessions", json={"participants": []}) as resp:

@@ -299,14 +299,17 @@ def _banner(
             )
 
         cli = settings.cli_name
+        # Where token and loadtest find this cluster: say so unless it is their default.
+        here = "" if folder == devinfo.data_dir(None) else f" --data-dir {folder}"
         lines += [
             f"  dashboard  {first}/dashboard#token={token(ADMIN_USER, ['admin'])}",
             f"  token for {TOKEN_USER} (24 h), then a session, another user's token, some load:",
             f"    export TOKEN={token(TOKEN_USER, [])}",
             '    curl -X POST -H "Authorization: Bearer $TOKEN" '
             f"-d '{{\"participants\": []}}' {first}/api/v1/sessions",
-            f"    {cli} token bob   # --role admin|agent for those roles",
-            f"    {cli} loadtest --connections 100 --duration 5   # over all {len(nodes)} node(s)",
+            f"    {cli} token bob{here}   # --role admin|agent for those roles",
+            f"    {cli} loadtest --connections 100 --duration 5{here}"
+            f"   # over all {len(nodes)} node(s)",
         ]
     lines.append(f"  logs: {folder / 'logs'}   Ctrl-C stops everything")
     return "\n".join(lines)
