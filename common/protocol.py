@@ -296,3 +296,16 @@ SKIP_MARK = b"!"
 
 def skip_device(frame: bytes, device_id: str) -> bytes:
     return SKIP_MARK + device_id.encode() + b"\n" + frame
+
+
+# Logged frames are published as b"@" + Redis TIME in microseconds + b"\n" + frame (the
+# delivery script stamps them): the node's delivery latency runs from that moment.
+STAMP_MARK = b"@"
+
+
+def unstamp(data: bytes) -> tuple[float | None, bytes]:
+    """(publish time in seconds since the epoch, or None if unstamped; the frame)."""
+    if data[:1] != STAMP_MARK:
+        return None, data
+    stamp, _, frame = data[1:].partition(b"\n")
+    return int(stamp) / 1_000_000, frame

@@ -105,6 +105,7 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                 hub = Hub(bus, keys, mode=settings.subscription_mode)
                 metrics = NodeMetrics()
                 hub.on_delivered = metrics.delivered
+                hub.on_latency = metrics.delivery_latency.observe
                 devices = DeviceRegistry(
                     redis,
                     keys,

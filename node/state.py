@@ -49,7 +49,8 @@ class NodeState:
         self.connection_hooks = ConnectionHooks(
             on_slow_close=self.metrics.slow_consumer_closes.inc,
             on_drop=self.metrics.dropped.inc,
-            on_written=self.metrics.delivery_latency.observe,
+            on_unsent=self.metrics.unsent.inc,
+            on_written=self.metrics.send_wait.observe,
         )
 
 

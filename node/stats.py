@@ -24,6 +24,7 @@ from common.transport.stats import (
     Rates,
     StatsWriter,
     append_history,
+    distinct_users,
     history_point,
     quantile,
     read_processes,
@@ -68,31 +69,45 @@ class NodeStats(StatsWriter):
         self._rates = Rates()
         self._latency_seen = list(state.metrics.delivery_latency.counts)
         self._written: set[str] = set()
+        self._users_written: frozenset[str] | None = None
         self._synced = False
         self._synced_at = 0.0
         self._leases = Leases(state.redis, settings.node_id, settings.lease_ttl)
 
     async def on_stop(self) -> None:
-        await self._leases.release(self._state.keys.stats_historian)
+        state = self._state
+        await state.redis.delete(state.keys.stats_users(state.settings.node_id))
+        await self._leases.release(state.keys.stats_historian)
 
     async def tick(self) -> None:
         """One stats write (and, as historian, one history point)."""
         state = self._state
         settings = state.settings
+        await self._measure_clock_offset()
         record = {**await self._sampler.sample(state.redis), **self._numbers()}
         self._export(state.metrics, record)
         index_ttl = max(settings.lease_ttl * 3, 60)
         async with state.redis.pipeline(transaction=False) as pipe:
             stats_writes(pipe, state.keys, record, settings.lease_ttl, index_ttl)
             synced = self._sync_connections(pipe)
+            users = self._write_users(pipe)
             try:
                 await pipe.execute()
             except BaseException:
                 self._synced = False  # unknown what landed: rewrite the hash next time
+                self._users_written = None
                 raise
+            self._users_written = users
         if synced is not None:
             self._written, self._synced = synced, True
         await self._historian()
+
+    async def _measure_clock_offset(self) -> None:
+        """Redis' clock minus ours: deliveries are stamped with Redis TIME (node/delivery/hub)."""
+        before = time.time()
+        seconds, micros = await self._state.redis.time()
+        after = time.time()
+        self._state.hub.clock_offset = seconds + micros / 1_000_000 - (before + after) / 2
 
     def _numbers(self) -> dict[str, Any]:
         state = self._state
@@ -121,6 +136,8 @@ class NodeStats(StatsWriter):
             "messages_out_total": int(totals["messages_out"]),
             "deliveries_total": int(totals["deliveries"]),
             "drops_total": int(counter_value(m.dropped)),
+            "unsent_total": int(counter_value(m.unsent)),
+            "clock_offset_ms": round(hub.clock_offset * 1000, 3),
             "slow_consumer_closes_total": int(counter_value(m.slow_consumer_closes)),
             "latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
             "latency_bounds": list(m.delivery_latency.bounds),
@@ -133,6 +150,30 @@ class NodeStats(StatsWriter):
         metrics.redis_roundtrip.set(record["redis_rtt_ms"] / 1000)
         metrics.loop_lag.set(record["loop_lag_ms"] / 1000)
         metrics.draining.set(1 if record["draining"] else 0)
+
+    def _write_users(self, pipe: Any) -> frozenset[str]:
+        """Queue this node's user HyperLogLog (rebuilt when its users changed); the users.
+
+        Summing per-node user counts counts a user on two nodes twice; PFCOUNT over every
+        node's HyperLogLog counts distinct users (common/transport/stats.distinct_users).
+        """
+        state = self._state
+        key = state.keys.stats_users(state.settings.node_id)
+        users = frozenset(state.hub.users)
+        ttl = int(state.settings.lease_ttl * 1000)
+        if users != self._users_written:
+            # Built aside and renamed over: a reader never sees it half built.
+            building = f"{key}:next"
+            pipe.delete(building)
+            ordered = sorted(users)
+            for start in range(0, len(ordered), HASH_CHUNK):
+                pipe.pfadd(building, *ordered[start : start + HASH_CHUNK])
+            if ordered:
+                pipe.rename(building, key)
+            else:
+                pipe.delete(key)
+        pipe.pexpire(key, ttl)
+        return users
 
     def _sync_connections(self, pipe: Any) -> set[str] | None:
         """Queue the changes to the connection hash; the ids it will hold, or None if unchanged."""
@@ -182,7 +223,8 @@ class NodeStats(StatsWriter):
             queue_depths(state.redis, state.keys, state.settings.partitions),
         )
         state.metrics.set_queue_depth(depths)
-        totals = summarize(nodes, workers, sum(depths.values()))
+        users = await distinct_users(state.redis, state.keys, nodes)
+        totals = summarize(nodes, workers, sum(depths.values()), users)
         await append_history(
             state.redis, state.keys, history_point(totals, int(time.time() * 1000))
         )

@@ -142,7 +142,23 @@ async def test_stats_from_either_node_list_every_process_with_real_numbers(
         await pete.until(is_type("message", message__role="assistant"))
 
         for node in (node1, node2):
-            view = await stats(node)
+
+            async def reported(node: Proc = node) -> dict[str, Any] | None:
+                # Each process reports every INTERVAL: wait until all four have reported
+                # the traffic above, instead of reading whatever was last written.
+                view = await stats(node)
+                by_id = {r["id"]: r for r in view["nodes"] + view["workers"]}
+                if len(by_id) < 4:
+                    return None
+                ok = (
+                    by_id["node-1"]["messages_in_total"] >= 1
+                    and by_id["node-2"]["deliveries_total"] >= 1
+                    and sum(by_id[w]["processed_total"] for w in ("worker-1", "worker-2")) >= 1
+                    and sum(by_id[w]["partitions_owned"] for w in ("worker-1", "worker-2")) == 4
+                )
+                return view if ok else None
+
+            view = await eventually(reported, what="every process reporting the traffic")
             assert ids(view["nodes"]) == {"node-1", "node-2"}
             assert ids(view["workers"]) == {"worker-1", "worker-2"}
             by_id = {r["id"]: r for r in view["nodes"] + view["workers"]}

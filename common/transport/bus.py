@@ -40,7 +40,11 @@ local frame = '{"seq":' .. seq .. ',' .. ARGV[1]
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if ARGV[5] == '1' then redis.call('SET', KEYS[3], seq, 'EX', ARGV[3]) end
-redis.call(ARGV[6], KEYS[4], frame)
+-- Published behind a stamp of Redis' clock (common/protocol.py STAMP_MARK) so that a
+-- node can measure publish -> socket; the log keeps the bare frame.
+local now = redis.call('TIME')
+local stamp = '@' .. now[1] .. string.format('%06d', tonumber(now[2])) .. '\\n'
+redis.call(ARGV[6], KEYS[4], stamp .. frame)
 return seq
 """
 

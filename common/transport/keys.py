@@ -118,6 +118,10 @@ class Keys:
         """One node's or worker's latest stats (a JSON string with a TTL)."""
         return f"{self.ns}{{stats}}:{kind}:{process_id}"
 
+    def stats_users(self, node_id: str) -> str:
+        """HyperLogLog of the users a node holds: PFCOUNT over all nodes = distinct users."""
+        return f"{self.ns}{{stats}}:users:{node_id}"
+
     def stats_index(self, kind: str) -> str:
         """Sorted set of the live processes of a kind, scored by when their stats expire."""
         return f"{self.ns}{{stats}}:{kind}s"

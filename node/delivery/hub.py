@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 from common.backoff import Backoff
-from common.protocol import SKIP_MARK, encode, seq_of
+from common.protocol import SKIP_MARK, encode, seq_of, unstamp
 from common.transport.bus import Bus
 from common.transport.keys import Keys
 from common.transport.pubsub import ChannelSubscriber
@@ -68,6 +69,11 @@ class Hub:
         self.users: dict[str, LocalUser] = {}
         self.subscriber: ChannelSubscriber | None = None
         self.on_delivered: Callable[[int], None] = lambda count: None
+        # Seconds from a logged frame's publication (Redis' clock) to its hand-over to the
+        # sockets, for the delivery latency histogram (SPEC §7).
+        self.on_latency: Callable[[float], None] = lambda seconds: None
+        # Redis' clock minus ours (node/stats.py measures it): publication stamps are Redis'.
+        self.clock_offset = 0.0
         self.gaps_repaired = 0
         self.expiry = TokenExpiry()
         self.heartbeat = Heartbeat()
@@ -178,11 +184,13 @@ class Hub:
             device, _, frame = data[1:].partition(b"\n")
             self._send_ephemeral(user, frame, skip=device.decode())
             return
+        published, data = unstamp(data)
         seq = seq_of(data)
         if seq is None:
             self._send_ephemeral(user, data)
             return
-        self._offer(user, seq, data)
+        if self._offer(user, seq, data) and published is not None:
+            self.on_latency(time.time() + self.clock_offset - published)
 
     def _send_ephemeral(self, user: LocalUser, frame: bytes, skip: str | None = None) -> None:
         """A frame without a seq to every local device of the user (but `skip`'s)."""
@@ -192,21 +200,23 @@ class Hub:
                 conn.send_framed(framed)
         self.on_delivered(len(user.connections))
 
-    def _offer(self, user: LocalUser, seq: int, frame: bytes) -> None:
+    def _offer(self, user: LocalUser, seq: int, frame: bytes) -> bool:
+        """True if the frame went to the sockets now (not held back, not a duplicate)."""
         last = user.last_seq
         if last is None or user.repair is not None:
             if len(user.held) < MAX_HELD:
                 user.held.append((seq, frame))
-            return
+            return False
         if seq <= last:
-            return  # already delivered
+            return False  # already delivered
         if seq == last + 1:
             user.last_seq = seq
             user.write(seq, frame)
             self.on_delivered(len(user.connections))
-            return
+            return True
         user.held.append((seq, frame))
         user.repair = asyncio.create_task(self._repair(user), name=f"repair-{user.user_id}")
+        return False
 
     async def _repair(self, user: LocalUser) -> None:
         """Fill a seq gap from the delivery log, then release the held frames in order."""

@@ -23,6 +23,7 @@ from common.transport.stats import (
     HISTORY_SECONDS,
     NODE,
     WORKER,
+    distinct_users,
     queue_stats,
     read_history,
     read_processes,
@@ -98,13 +99,14 @@ async def cluster_stats(request: web.Request) -> web.Response:
     owners = await state.redis.mget(
         [state.keys.partition_lease(p) for p in range(state.settings.partitions)]
     )
+    users = await distinct_users(state.redis, state.keys, nodes)
     state.metrics.set_queue_depth(depths)
     queue = queue_stats(depths, owners)
     return json_response(
         {
             "nodes": nodes,
             "workers": workers,
-            "totals": summarize(nodes, workers, queue["depth"]),
+            "totals": summarize(nodes, workers, queue["depth"], users),
             "queue": queue,
             "served_by": state.settings.node_id,
             "generated_at": int(time.time() * 1000),

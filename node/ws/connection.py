@@ -80,7 +80,11 @@ class ConnectionHooks:
     """What connections tell the node's metrics: one instance shared by all of them."""
 
     on_slow_close: Callable[[], None] = lambda: None
+    # Frames discarded at the send-queue bound: a fault (the client missed them live).
     on_drop: Callable[[int], None] = lambda frames: None
+    # Frames not written because the socket was closing anyway (the client left, was
+    # replaced, the node stops): not a fault; a client that comes back resumes them.
+    on_unsent: Callable[[int], None] = lambda frames: None
     on_written: Callable[[float], None] = lambda seconds: None
 
 
@@ -104,6 +108,7 @@ class Connection:
         "_drained",
         "_hooks",
         "_limit",
+        "_over_bound",
         "_queue",
         "_queued",
         "_waiting_since",
@@ -155,6 +160,7 @@ class Connection:
         # paced replay that has to wait.
         self._drained: asyncio.Event | None = None
         self._closing = False
+        self._over_bound = False
         self._closer: asyncio.Task[None] | None = None
         self._hooks = hooks
         self._direct_writes = 0
@@ -195,11 +201,11 @@ class Connection:
         """`send` of a whole frame (common/wsframe.text_frame): a message to many
         sockets is framed once and the same bytes written to each."""
         if self._closing:
-            self._hooks.on_drop(1)
+            self._hooks.on_unsent(1)
             return
         wire = self._wire
         if wire is None:
-            self._hooks.on_drop(1)
+            self._hooks.on_unsent(1)
             return
         buffered = wire.transport.get_write_buffer_size()
         if not self._queue and buffered + len(frame) <= self._limit:
@@ -213,6 +219,7 @@ class Connection:
             return
         self._queued += len(frame)
         if self._queued + buffered > self._limit:
+            self._over_bound = True
             self._hooks.on_drop(1)
             self._hooks.on_slow_close()
             self.close(CloseCode.TRY_AGAIN, "slow consumer")
@@ -231,7 +238,7 @@ class Connection:
             self._drained.clear()
             await self._drained.wait()
         if self._closing:
-            self._hooks.on_drop(1)
+            self._hooks.on_unsent(1)
             return
         framed = text_frame(frame)
         self._queued += len(framed)
@@ -320,7 +327,10 @@ class Connection:
         """Closing: what still waits is dropped (counted), a paced replay released."""
         self._closing = True
         if self._queue:
-            self._hooks.on_drop(len(self._queue))
+            if self._over_bound:
+                self._hooks.on_drop(len(self._queue))
+            else:
+                self._hooks.on_unsent(len(self._queue))
             self._queue.clear()
         if self._drained is not None:
             self._drained.set()
