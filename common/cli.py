@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=None,
-        help="conversations processed at once (FANOUT_WORKER_CONCURRENCY, 32)",
+        help="conversations processed at once (FANOUT_WORKER_CONCURRENCY, default "
+        f"{Settings().worker_concurrency})",
     )
 
     sub.add_parser("migrate", help="create the database if missing and upgrade the schema")
@@ -113,6 +114,12 @@ def _loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     lt.add_argument(
         "--connect-concurrency", type=int, default=200, help="handshakes at once (default 200)"
+    )
+    lt.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection may take before it counts as failed (default 30)",
     )
     lt.add_argument("--secret", default=None, help="HS256 secret (default FANOUT_JWT_SECRET)")
     lt.add_argument(

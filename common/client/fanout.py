@@ -49,6 +49,8 @@ class ClientStats:
     missed: int = 0
     incomplete_resumes: int = 0
     closes: list[int] = field(default_factory=list)
+    # Why the last connection attempt failed ("" if none has): for reports.
+    last_failure: str = ""
 
 
 class FanoutClient:
@@ -140,6 +142,7 @@ class FanoutClient:
             except asyncio.CancelledError:
                 raise
             except wsclient.HandshakeError as exc:
+                self.stats.last_failure = f"refused {exc.status}"
                 if exc.status in (400, 401, 403):
                     self.fatal = f"refused {exc.status}"
                     log.error(
@@ -149,6 +152,7 @@ class FanoutClient:
                 self.stats.failed_attempts += 1  # 429 (device limit) or 503: try again
             except (OSError, TimeoutError) as exc:
                 self.stats.failed_attempts += 1
+                self.stats.last_failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
                 log.debug("%s: %s: %r", self.device_id, url, exc)
             self._connected.clear()
             # Capped exponential back-off with jitter: a node dying must not make all

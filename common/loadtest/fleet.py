@@ -205,6 +205,9 @@ class Fleet:
                     await client.wait_connected(cfg.connect_timeout)
                 except (TimeoutError, ConnectionError) as exc:
                     self.failed += 1
+                    # An error with its cause (SPEC §8): "refused 401", "ConnectionRefusedError…"
+                    cause = client.fatal or client.stats.last_failure or str(exc)
+                    self.tally.error(f"connect failed: {cause}")
                     log.debug("%s/%s: %s", user, client.device_id, exc)
                     return
                 device.connect_s = time.perf_counter() - begun
@@ -255,10 +258,12 @@ async def progress(fleet: Fleet, tally: Tally, extra: Callable[[], str] = lambda
         latency = tally.latency  # replaced after a warm-up
         now = tally.delivered
         errors = sum(tally.errors.values())
+        # The chat driver restarts the count after its warm-up: a rate is never negative.
+        rate = now - last if now >= last else now
         print(
             f"[{time.monotonic() - started:6.1f}s] conns {len(fleet.connected)}"
             f"/{len(fleet.users) * fleet.config.devices} (failed {fleet.failed})  "
-            f"rate {now - last:,}/s  p99 {latency.percentile(0.99) / 1000:.2f} ms "
+            f"rate {rate:,}/s  p99 {latency.percentile(0.99) / 1000:.2f} ms "
             f"(last 1 s: {latency.percentile(0.99, before) / 1000:.2f} ms)  "
             f"errors {errors}{extra()}",
             file=sys.stderr,

@@ -61,6 +61,7 @@ def shard_args(config: LoadConfig, shard: int, run_id: str) -> list[str]:
         ("--window", config.window),
         ("--batch", config.batch),
         ("--connect-concurrency", config.connect_concurrency),
+        ("--connect-timeout", config.connect_timeout),
         ("--processes", config.processes),
         ("--shard", shard),
         ("--run-id", run_id),

@@ -151,7 +151,13 @@ async def run(
         if sync is not None:
             await sync("ready")
         await probe.mark()
-        if config.mode == "fanout":
+        if not fleet.connected:
+            # Nothing to measure: publishing to nobody would report "lost 0" for a run
+            # that reached no one. The connect errors say why (and the exit status is 1).
+            await probe.mark()
+            if sync is not None:
+                await sync("done")
+        elif config.mode == "fanout":
             published = {u: SeqRanges() for u in fleet.users}
             report.published = await publish(
                 config, fleet, tally, deliver or bus.deliver, published
@@ -253,6 +259,8 @@ def config_from_args(args: Any, settings: Settings) -> LoadConfig:
         connections = args.users * args.devices
     if connections < args.devices:
         raise ConfigError("--connections must be at least --devices")
+    if args.connect_timeout <= 0:
+        raise ConfigError("--connect-timeout must be positive")
     for name in ("rate", "duration", "ramp", "settle"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must not be negative")
@@ -274,6 +282,7 @@ def config_from_args(args: Any, settings: Settings) -> LoadConfig:
         window=args.window,
         batch=max(1, args.batch),
         connect_concurrency=max(1, args.connect_concurrency),
+        connect_timeout=args.connect_timeout,
         server_pids=tuple(args.server_pid or ()),
         progress=not args.quiet,
         keep_data=args.keep_data,
@@ -290,6 +299,8 @@ def main(args: Any, settings: Settings) -> None:
     from common.runtime import run as run_loop
 
     config = config_from_args(args, settings)
+    # Each refused client would log its own line; the report counts them by cause.
+    logging.getLogger("fanout.client").setLevel(logging.CRITICAL)
     result: list[Report] = []
 
     async def go() -> None:
@@ -308,5 +319,5 @@ def main(args: Any, settings: Settings) -> None:
     else:
         print(report.text())
     broken = report.lost or report.duplicated or report.out_of_order
-    if broken or report.connections.get("failed"):
+    if broken or report.connections.get("failed") or report.error_count:
         sys.exit(1)
