@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -24,18 +25,22 @@ from common.transport.keys import Keys
 
 # KEYS: devices zset, device->connection hash
 # ARGV: device, holder, now ms, expires ms, max devices, key ttl s
+# Returns {1 came online | 0 was online | -1 over the limit, the holder it replaces?}
 _JOIN = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 for _, device in ipairs(expired) do redis.call('HDEL', KEYS[2], device) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return -1 end
+if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return {-1} end
+local previous = redis.call('HGET', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-if known then return 0 end
-return 1
+local status = 1
+if known then status = 0 end
+if previous and previous ~= ARGV[2] then return {status, previous} end
+return {status}
 """
 
 # KEYS: devices zset, device->connection hash; ARGV: device, holder
@@ -65,6 +70,33 @@ return #ARGV - 2
 # pipeline) costs the node ~0.1 ms of loop time at this size on the shared
 # connection (0.25 ms through redis-py), and Redis about as much.
 RENEW_CHUNK = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The connection that holds a device, and the node it is on."""
+
+    conn_id: str
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What claiming a device did."""
+
+    # 1: the device came online; 0: it was online already (another connection, now
+    # replaced); -1: refused, the user has the maximum devices.
+    status: int
+    # The connection that held the device until now: it is to be closed (`replaced`).
+    replaced: Holder | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.status < 0
+
+    @property
+    def came_online(self) -> bool:
+        return self.status == 1
 
 
 class DeviceRegistry:
@@ -98,8 +130,12 @@ class DeviceRegistry:
     def _holder(self, conn_id: str) -> str:
         return f"{conn_id} {self._node_id}"
 
-    async def claim(self, user_id: str, device_id: str, conn_id: str) -> int:
-        """1: the device came online; 0: it was already (another connection); -1: over the limit."""
+    async def claim(self, user_id: str, device_id: str, conn_id: str) -> Claim:
+        """Make `conn_id` the device's holder, unless that would pass the device limit.
+
+        A device has one holder: a second connection of the same (user, device)
+        replaces the first, which the caller closes (SPEC §4: 1008 `replaced`).
+        """
         now = int(time.time() * 1000)
         keys = [self._keys.devices(user_id), self._keys.device_conns(user_id)]
         args: list[str | int] = [
@@ -111,8 +147,14 @@ class DeviceRegistry:
             self._key_ttl,
         ]
         if self._commands is not None:
-            return int(await run_script(self._commands, self._join, keys, args))
-        return int(await self._join(keys=keys, args=args))
+            reply = await run_script(self._commands, self._join, keys, args)
+        else:
+            reply = await self._join(keys=keys, args=args)
+        replaced = None
+        if len(reply) > 1:
+            held_by, _, node_id = _text(reply[1]).partition(" ")
+            replaced = Holder(held_by, node_id)
+        return Claim(int(reply[0]), replaced)
 
     async def release(self, user_id: str, device_id: str, conn_id: str) -> bool:
         """True if the device went offline (this connection was its holder)."""
@@ -176,3 +218,7 @@ class DeviceRegistry:
             conn_id, _, node_id = (holder or b"").decode().partition(" ")
             out.append({"device_id": device.decode(), "connection_id": conn_id, "node_id": node_id})
         return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

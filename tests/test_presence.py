@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from common.transport.connection import RespConnection, address_of
 from common.transport.keys import Keys
-from node.presence import RENEW_CHUNK, DeviceRegistry
+from node.presence import RENEW_CHUNK, DeviceRegistry, Holder
 
 LEASE = 10.0
 
@@ -63,7 +63,7 @@ async def test_refresh_renews_every_held_device_across_chunks(
     # More devices than two chunks hold, two per user, as a node holds them.
     held = [(f"u{i // 2}", f"d{i % 2}") for i in range(2 * RENEW_CHUNK + 31)]
     for n, (user, device) in enumerate(held):
-        assert await devices.claim(user, device, f"c{n}") in (0, 1)
+        assert (await devices.claim(user, device, f"c{n}")).status in (0, 1)
     # Make every lease nearly spent, as if the last refresh was long ago.
     nearly_spent = int(time.time() * 1000) + 500
     for user, device in held:
@@ -84,9 +84,9 @@ async def test_refresh_leaves_other_nodes_devices_to_lapse_and_released_ones_gon
     redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
 ) -> None:
     keys = Keys(namespace)
-    assert await devices.claim("ann", "phone", "c1") == 1
-    assert await devices.claim("ann", "laptop", "c2") == 1
-    assert await devices.claim("ann", "tablet", "c3") == 1
+    assert (await devices.claim("ann", "phone", "c1")).came_online
+    assert (await devices.claim("ann", "laptop", "c2")).came_online
+    assert (await devices.claim("ann", "tablet", "c3")).came_online
     # The laptop's node died: its lease ran out and nobody renews it.
     await redis.zadd(keys.devices("ann"), {"laptop": int(time.time() * 1000) - 1}, xx=True)
     # The tablet disconnected cleanly, after this node took its list of held devices.
@@ -101,3 +101,17 @@ async def test_refresh_leaves_other_nodes_devices_to_lapse_and_released_ones_gon
 async def test_refresh_of_nothing_sends_nothing(redis: aioredis.Redis, namespace: str) -> None:
     await registry(redis, namespace, cluster=False).refresh([], spread=1.0)
     assert [k async for k in redis.scan_iter(match=f"{namespace}*")] == []
+
+
+async def test_a_second_claim_of_a_device_names_the_holder_it_replaces(
+    devices: DeviceRegistry,
+) -> None:
+    first = await devices.claim("bo", "phone", "c1")
+    assert first.came_online and first.replaced is None
+    second = await devices.claim("bo", "phone", "c2")
+    assert second.status == 0 and second.replaced == Holder("c1", "n1")
+    assert [d["connection_id"] for d in await devices.online("bo")] == ["c2"]
+    # The replaced connection's release leaves the device to its new holder.
+    assert not await devices.release("bo", "phone", "c1")
+    assert await devices.release("bo", "phone", "c2")
+    assert await devices.online("bo") == []

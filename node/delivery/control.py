@@ -1,8 +1,10 @@
-"""Admin commands to every node: one pub/sub channel that all nodes subscribe to.
+"""Commands to every node: one pub/sub channel that all nodes subscribe to.
 
 A command is `op` + newline + payload: `disconnect\\n<user id>` closes that user's
 local sockets with 1008; `broadcast\\n<frame>` writes the frame (already encoded,
-the same bytes on every node) to every local socket. The channel has its own
+the same bytes on every node) to every local socket; `replace\\n<connection
+id>\\n<user id>` closes that connection (1008 `replaced`) on the node that holds it,
+as its device has a newer one (node/presence.py). The channel has its own
 connection (a second Subscriber), so user deliveries never pay for its routing.
 Like all pub/sub it is at-most-once: a node whose connection is down at that
 moment misses the command (the admin response says how many nodes received it).
@@ -14,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from common.errors import SERVICE_DOWN
 from common.protocol import CloseCode
 from common.transport.keys import Keys
 from common.transport.pubsub import ChannelSubscriber
@@ -21,12 +24,15 @@ from common.wsframe import text_frame
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
 from node.metrics import NodeMetrics
+from node.presence import Holder
 from node.state import NodeState
 
 log = logging.getLogger("fanout.node")
 
 DISCONNECT = b"disconnect"
 BROADCAST = b"broadcast"
+REPLACE = b"replace"
+REPLACED = "replaced"
 
 
 def command(op: bytes, payload: bytes) -> bytes:
@@ -55,6 +61,9 @@ class ControlChannel:
             self.disconnect(payload.decode(errors="replace"))
         elif op == BROADCAST:
             self.broadcast(payload)
+        elif op == REPLACE:
+            conn_id, _, user_id = payload.decode(errors="replace").partition("\n")
+            close_replaced(self._hub, user_id, conn_id)
         else:
             log.warning("unknown control command %r", op[:32])
 
@@ -81,6 +90,35 @@ class ControlChannel:
             sent += 1
         self._metrics.frames_broadcast += sent
         return sent
+
+
+def close_replaced(hub: Hub, user_id: str, conn_id: str) -> bool:
+    """Close a local connection whose device has a newer one (1008 `replaced`);
+    False if this node does not hold it."""
+    user = hub.users.get(user_id)
+    for conn in user.connections if user is not None else ():
+        if conn.conn_id == conn_id:
+            conn.close(CloseCode.POLICY, REPLACED)
+            return True
+    return False
+
+
+async def replace(state: NodeState, user_id: str, holder: Holder) -> None:
+    """Close the connection a newer one of its device replaces, wherever it is: here at
+    once, on another node by a command (lost if that node's channel is down at the
+    moment; its lease refresh finds the newer holder then, node/app.py)."""
+    if holder.node_id == state.settings.node_id:
+        close_replaced(state.hub, user_id, holder.conn_id)
+        return
+    payload = command(REPLACE, f"{holder.conn_id}\n{user_id}".encode())
+    channel = state.keys.control_channel
+    try:
+        if state.settings.redis_cluster:
+            await state.redis.spublish(channel, payload)
+        else:
+            await state.redis.publish(channel, payload)
+    except SERVICE_DOWN as exc:
+        log.warning("replaced connection %s not closed: redis unavailable (%r)", holder, exc)
 
 
 @asynccontextmanager

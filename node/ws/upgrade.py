@@ -17,6 +17,7 @@ from common.protocol import (
     is_session_id,
     is_valid_device_id,
 )
+from node.delivery.control import replace
 from node.state import STATE, NodeState
 from node.ws.aiohttp_private import take_upgrade_tail
 from node.ws.connection import Connection
@@ -130,9 +131,12 @@ async def _admit(
         claim = await state.devices.claim(identity.user_id, device_id, conn_id)
     except SERVICE_DOWN:
         return refuse(503, "UNAVAILABLE", "backing service unavailable; retry")
-    if claim < 0:
+    if claim.refused:
         metrics.refused_total.labels("429").inc()
         return refuse(429, "TOO_MANY_DEVICES", "the user has the maximum devices connected")
+    if claim.replaced is not None:
+        # One connection per (user, device): the older one goes (SPEC §4).
+        await replace(state, identity.user_id, claim.replaced)
 
     # Only the handshake is aiohttp's (no permessage-deflate: a compressor per socket);
     # the node runs the heartbeat itself (node.ws.timers.Heartbeat, one timer for all).
@@ -146,7 +150,7 @@ async def _admit(
         expires_at=identity.expires_at,
         hooks=state.connection_hooks,
     )
-    return conn, claim == 1, last_seq, ws
+    return conn, claim.came_online, last_seq, ws
 
 
 async def _join(
