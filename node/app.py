@@ -22,7 +22,7 @@ from common.transport.connection import command_connection
 from common.transport.keys import Keys
 from common.transport.peer_rate import PeerLimiter
 from common.transport.tombstones import LogEraser
-from node.delivery.control import listening_for_commands
+from node.delivery.control import REPLACED, listening_for_commands
 from node.delivery.hub import Hub
 from node.delivery.subscriber import open_subscriber
 from node.http import (
@@ -179,9 +179,10 @@ async def _refresh_devices(state: NodeState) -> None:
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
-        held = [(c.user_id, c.device_id) for c in state.hub.connections()]
+        held = list(state.hub.connections())
         try:
-            await state.devices.refresh(held, spread=interval)
+            for conn in await state.devices.refresh(held, spread=interval):
+                conn.close(CloseCode.POLICY, REPLACED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

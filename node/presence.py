@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -55,21 +55,45 @@ return 0
 
 
 # KEYS: the devices zset and device->connection hash of each device, in pairs
-# ARGV: expires ms, key ttl s, then the device id of each pair
+# ARGV: expires ms, key ttl s, then the device id and holder of each pair
+# Returns the numbers (from 1) of the pairs whose device another connection holds now.
 _RENEW = """
-for i = 3, #ARGV do
-  local devices, holders = KEYS[2 * i - 5], KEYS[2 * i - 4]
-  redis.call('ZADD', devices, 'XX', ARGV[1], ARGV[i])
-  redis.call('EXPIRE', devices, ARGV[2])
-  redis.call('EXPIRE', holders, ARGV[2])
+local replaced = {}
+for n = 1, #KEYS / 2 do
+  local devices, holders = KEYS[2 * n - 1], KEYS[2 * n]
+  local device, holder = ARGV[2 * n + 1], ARGV[2 * n + 2]
+  local current = redis.call('HGET', holders, device)
+  if current and current ~= holder then
+    table.insert(replaced, n)
+  else
+    redis.call('ZADD', devices, 'XX', ARGV[1], device)
+    redis.call('EXPIRE', devices, ARGV[2])
+    redis.call('EXPIRE', holders, ARGV[2])
+  end
 end
-return #ARGV - 2
+return replaced
 """
 
 # Devices renewed per round trip: one script call (or, on a Redis Cluster, one
 # pipeline) costs the node ~0.1 ms of loop time at this size on the shared
 # connection (0.25 ms through redis-py), and Redis about as much.
 RENEW_CHUNK = 50
+
+
+class HeldDevice(Protocol):
+    """A connection as the lease refresh sees it (node.ws.connection.Connection)."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def conn_id(self) -> str: ...
+
+
+H = TypeVar("H", bound=HeldDevice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,45 +188,59 @@ class DeviceRegistry:
             return bool(await run_script(self._commands, self._leave, keys, args))
         return bool(await self._leave(keys=keys, args=args))
 
-    async def refresh(self, held: Sequence[tuple[str, str]], *, spread: float = 0.0) -> None:
-        """Extend the lease of every (user, device) this node holds, RENEW_CHUNK at a time,
-        the chunks spread evenly over `spread` seconds (the first one at once)."""
+    async def refresh(self, held: Sequence[H], *, spread: float = 0.0) -> list[H]:
+        """Extend the lease of every device this node holds, RENEW_CHUNK at a time, the
+        chunks spread evenly over `spread` seconds (the first one at once); the held
+        connections whose device another connection holds now (to be closed: a
+        `replace` command for them was lost, or came before they had joined)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         chunks = [held[i : i + RENEW_CHUNK] for i in range(0, len(held), RENEW_CHUNK)]
+        replaced: list[H] = []
         for n, chunk in enumerate(chunks):
             await asyncio.sleep(max(0.0, started + spread * n / len(chunks) - loop.time()))
             # The expiry is taken per chunk: a late chunk still gets a full lease.
             expires = int(time.time() * 1000) + self._lease_ms
             if self._cluster:
-                await self._renew_per_device(chunk, expires)
+                replaced += await self._renew_per_device(chunk, expires)
             else:
-                await self._renew_in_script(chunk, expires)
+                replaced += await self._renew_in_script(chunk, expires)
+        return replaced
 
-    async def _renew_in_script(self, chunk: Sequence[tuple[str, str]], expires: int) -> None:
+    async def _renew_in_script(self, chunk: Sequence[H], expires: int) -> list[H]:
         keys = [
             k
-            for user, _ in chunk
-            for k in (self._keys.devices(user), self._keys.device_conns(user))
+            for c in chunk
+            for k in (self._keys.devices(c.user_id), self._keys.device_conns(c.user_id))
         ]
-        args: list[str | int] = [expires, self._key_ttl, *(d for _, d in chunk)]
+        args: list[str | int] = [expires, self._key_ttl]
+        for c in chunk:
+            args += (c.device_id, self._holder(c.conn_id))
         if self._commands is not None:
             # On the shared connection, like claims and releases: a redis-py script call
             # cancelled at a SIGTERM was seen to swallow the cancellation, and the
             # node's stop then waited on this refresher until the watchdog.
-            await run_script(self._commands, self._renew, keys, args)
-            return
-        await self._renew(keys=keys, args=args)
+            numbers = await run_script(self._commands, self._renew, keys, args)
+        else:
+            numbers = await self._renew(keys=keys, args=args)
+        return [chunk[int(n) - 1] for n in numbers]
 
-    async def _renew_per_device(self, chunk: Sequence[tuple[str, str]], expires: int) -> None:
+    async def _renew_per_device(self, chunk: Sequence[H], expires: int) -> list[H]:
         # Redis Cluster: users' keys live on different slots, which one script call
         # cannot span; single-key commands are routed to each user's shard.
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user_id, device_id in chunk:
-                pipe.zadd(self._keys.devices(user_id), {device_id: expires}, xx=True)
-                pipe.expire(self._keys.devices(user_id), self._key_ttl)
-                pipe.expire(self._keys.device_conns(user_id), self._key_ttl)
-            await pipe.execute()
+            for c in chunk:
+                pipe.hget(self._keys.device_conns(c.user_id), c.device_id)
+                pipe.zadd(self._keys.devices(c.user_id), {c.device_id: expires}, xx=True)
+                pipe.expire(self._keys.devices(c.user_id), self._key_ttl)
+                pipe.expire(self._keys.device_conns(c.user_id), self._key_ttl)
+            replies = await pipe.execute()
+        holders = replies[::4]
+        return [
+            c
+            for c, holder in zip(chunk, holders, strict=True)
+            if holder is not None and _text(holder) != self._holder(c.conn_id)
+        ]
 
     async def online(self, user_id: str) -> list[dict[str, str]]:
         """The user's live devices across the cluster."""

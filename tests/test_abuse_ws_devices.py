@@ -7,7 +7,10 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
+from common.transport.keys import Keys
+from node.presence import DeviceRegistry
 from tests.harness import Client, Cluster, Proc, is_type, open_client, token
 from tests.test_ops import request
 
@@ -101,3 +104,19 @@ async def test_a_device_reused_across_nodes_holds_one_socket_and_counts_once(
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_a_replaced_socket_whose_command_was_lost_goes_at_its_lease_refresh(
+    cluster: Cluster, redis: aioredis.Redis, namespace: str
+) -> None:
+    node = await cluster.node()  # FANOUT_LEASE_TTL=2: a refresh every 2/3 s
+    client = await open_client(node, "ted", "phone")
+    try:
+        # Another node claims the device, and its `replace` command never arrives.
+        elsewhere = DeviceRegistry(
+            redis, Keys(namespace), node_id="elsewhere", lease_ttl=2, max_devices=5
+        )
+        assert (await elsewhere.claim("ted", "phone", "c-lost")).replaced is not None
+        assert await _closed(client, within=3) == (1008, "replaced")
+    finally:
+        await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import astuple, dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +15,15 @@ from common.transport.keys import Keys
 from node.presence import RENEW_CHUNK, DeviceRegistry, Holder
 
 LEASE = 10.0
+
+
+@dataclass(frozen=True)
+class Held:
+    """A held device as the refresh sees a connection."""
+
+    user_id: str
+    device_id: str
+    conn_id: str
 
 
 def registry(
@@ -61,18 +71,18 @@ async def test_refresh_renews_every_held_device_across_chunks(
 ) -> None:
     keys = Keys(namespace)
     # More devices than two chunks hold, two per user, as a node holds them.
-    held = [(f"u{i // 2}", f"d{i % 2}") for i in range(2 * RENEW_CHUNK + 31)]
-    for n, (user, device) in enumerate(held):
-        assert (await devices.claim(user, device, f"c{n}")).status in (0, 1)
+    held = [Held(f"u{i // 2}", f"d{i % 2}", f"c{i}") for i in range(2 * RENEW_CHUNK + 31)]
+    for h in held:
+        assert (await devices.claim(h.user_id, h.device_id, h.conn_id)).came_online
     # Make every lease nearly spent, as if the last refresh was long ago.
     nearly_spent = int(time.time() * 1000) + 500
-    for user, device in held:
-        await redis.zadd(keys.devices(user), {device: nearly_spent}, xx=True)
+    for h in held:
+        await redis.zadd(keys.devices(h.user_id), {h.device_id: nearly_spent}, xx=True)
 
     before = int(time.time() * 1000)
-    await devices.refresh(held, spread=0.05)
+    assert await devices.refresh(held, spread=0.05) == []
 
-    for user, device in held:
+    for user, device, _ in (astuple(h) for h in held):
         ends = await lease_ends(redis, keys, user, device)
         assert ends is not None and ends >= before + LEASE * 1000, (user, device)
         assert await redis.ttl(keys.devices(user)) > LEASE
@@ -92,7 +102,7 @@ async def test_refresh_leaves_other_nodes_devices_to_lapse_and_released_ones_gon
     # The tablet disconnected cleanly, after this node took its list of held devices.
     assert await devices.release("ann", "tablet", "c3")
 
-    await devices.refresh([("ann", "phone"), ("ann", "tablet")])
+    await devices.refresh([Held("ann", "phone", "c1"), Held("ann", "tablet", "c3")])
 
     assert [d["device_id"] for d in await devices.online("ann")] == ["phone"]
     assert await lease_ends(redis, keys, "ann", "tablet") is None, "a released device came back"
@@ -115,3 +125,17 @@ async def test_a_second_claim_of_a_device_names_the_holder_it_replaces(
     assert not await devices.release("bo", "phone", "c1")
     assert await devices.release("bo", "phone", "c2")
     assert await devices.online("bo") == []
+
+
+async def test_refresh_returns_the_held_connections_whose_device_is_held_by_another(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    keys = Keys(namespace)
+    old, kept = Held("cy", "phone", "c1"), Held("cy", "laptop", "c2")
+    for h in (old, kept):
+        await devices.claim(h.user_id, h.device_id, h.conn_id)
+    await devices.claim("cy", "phone", "c9")  # its `replace` command was lost
+    assert await devices.refresh([old, kept]) == [old]
+    # The newer holder's lease is left as it was, the held one's renewed.
+    assert sorted(d["connection_id"] for d in await devices.online("cy")) == ["c2", "c9"]
+    assert await lease_ends(redis, keys, "cy", "laptop") is not None
