@@ -114,6 +114,6 @@ ROUTES = (
         status=202,
         body=schemas.NewMessage,
         response=schemas.Accepted,
-        errors=(403, 404, 409, 413),
+        errors=(403, 404, 409, 413, 429),
     ),
 )

@@ -34,6 +34,7 @@ _REFUSED = {
     401: "missing, invalid or expired token",
     403: "not allowed",
     404: "not found, or not visible to the caller",
+    408: "request body not complete within FANOUT_HTTP_BODY_TIMEOUT; the connection is closed",
     409: "the session's state does not allow this (status, participant cap, the owner)",
     413: "content over FANOUT_MAX_CONTENT",
     429: "too many: retry later",

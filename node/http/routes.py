@@ -37,7 +37,7 @@ class Route:
     `response` is the JSON body of a success; a body that is not JSON is named by its
     media types in `media` instead (a page, a script, metrics). `errors` are the
     statuses refused with the `Error` body besides those implied: 401 for a token,
-    403 for the admin role, 400 for a body or query, 503 where Redis or Postgres is
+    403 for the admin role, 400 for a body or query, 408 for a body, 503 where Redis or Postgres is
     behind the answer (every route with a token). `also` are statuses answered with the
     success's body too (a 503 /readyz says what is down). `query_token`: the token may
     come as `?token=` instead of a header (the WebSocket, which browsers cannot give one).
@@ -67,6 +67,8 @@ class Route:
             implied.add(403)
         if self.body is not None or self.query is not None:
             implied.add(400)
+        if self.body is not None:
+            implied.add(408)  # node/http/deadlines.py
         return tuple(sorted(implied - set(self.also)))
 
 
