@@ -101,11 +101,13 @@ async def open_raw(
     device: str = "raw",
     *,
     behind: bytes = b"",
+    then: bytes = b"",
     receive_buffer: int | None = None,
     **query: str,
 ) -> RawSocket:
-    """Send the upgrade request (and `behind` it, in the same write, any bytes) and read
-    the response head; `status` is 101 or the refusal's status."""
+    """Send the upgrade request (and `behind` it, in the same write, any bytes; `then`,
+    in a write of its own, without waiting for the answer) and read the response head;
+    `status` is 101 or the refusal's status."""
     sock = socket.socket()
     if receive_buffer is not None:
         # Before connect: the window the peer sees is what a reader that never reads holds.
@@ -116,6 +118,10 @@ async def open_raw(
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(upgrade_request(node, {"device_id": device, **query}, user) + behind)
     await writer.drain()
+    if then:
+        await asyncio.sleep(0.001)  # not coalesced with the request (TCP_NODELAY)
+        writer.write(then)
+        await writer.drain()
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
