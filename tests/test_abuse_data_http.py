@@ -211,3 +211,14 @@ async def test_a_sub_that_is_not_text_is_a_401(node: Proc) -> None:
         assert refused.value.status == 401
         async with http.get(f"{node.url}/api/v1/sessions", headers=headers) as resp:
             assert resp.status == 401
+
+
+async def test_the_workers_port_cuts_partial_heads_too(cluster: Cluster) -> None:
+    worker = await cluster.worker(FANOUT_HTTP_HEAD_TIMEOUT="0.5")
+    reader, writer = await _raw(worker, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        assert await _closed_within(reader, 5) == b""
+    finally:
+        writer.close()
+    async with aiohttp.ClientSession() as http, http.get(f"{worker.url}/healthz") as resp:
+        assert resp.status == 200

@@ -230,7 +230,12 @@ async def serve(settings: Settings) -> None:
             stop = stop_event()
             runner: web.AppRunner | None = None
             if settings.worker_port is not None:
-                runner = web.AppRunner(health_app(worker, stats), access_log=None)
+                # The head deadline of the node (node/http/deadlines.py); no route takes a body.
+                runner = web.AppRunner(
+                    health_app(worker, stats),
+                    access_log=None,
+                    keepalive_timeout=settings.http_head_timeout,
+                )
                 await runner.setup()
                 await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
             freeze_startup_objects()
