@@ -1,9 +1,11 @@
 """The Redis side of fanout: logged and ephemeral deliveries to users, and conversation queues.
 
-A logged delivery (SPEC §2) runs one script per user that, atomically, assigns the
+A logged delivery (SPEC §2) runs one script for all its users (up to USERS_PER_CALL
+a call; per slot on Redis Cluster) that, for each user and atomically, assigns the
 next seq, appends the frame to the user's bounded delivery log and publishes it.
 Publication order is therefore seq order. A delivery key makes the script
-idempotent: a message re-processed after a worker crash keeps its first seq.
+idempotent: the delivery's marker hash holds each user's seq, so a message
+re-processed after a worker crash keeps its first seq.
 """
 
 from __future__ import annotations
@@ -14,38 +16,60 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from common.config import Settings
 from common.protocol import skip_device
 from common.transport.connection import RespConnection
-from common.transport.keys import Keys
+from common.transport.keys import Keys, slot_tags
 
 # The seq counter outlives the log so that seqs never restart while a client may
 # still hold an old one; 30 days of silence resets a user to seq 1.
 SEQ_TTL = 30 * 86400
 
-# KEYS: seq, log, delivered-marker, channel
-# ARGV: frame body without its leading "{", log maxlen, log ttl, seq ttl, dedupe 0/1,
-#       publish command (PUBLISH or SPUBLISH)
+# Users per script call: a call costs Redis ~8 µs of its own however many users it
+# serves (scripts/bench_redis.py), so a message's users share one; the bound keeps
+# one call from holding Redis for long.
+USERS_PER_CALL = 100
+# Below this log length trimming is exact; from it on XADD trims whole radix-tree nodes
+# ("MAXLEN ~"), which is cheaper: a log then holds at least its length, never fewer.
+APPROXIMATE_TRIM_FROM = 1000
+
+# KEYS: the delivery's marker hash (user -> seq), then each user's seq, log, channel
+# ARGV: frame body without its leading "{", trim ("~" or "="), log maxlen, log ttl,
+#       seq ttl, keyed 0/1, publish command (PUBLISH or SPUBLISH), then the user ids
 _DELIVER = """
-if ARGV[5] == '1' then
-  local known = redis.call('GET', KEYS[3])
-  if known then return tonumber(known) end
-end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if seq == 1 then redis.call('DEL', KEYS[2]) end
-local frame = '{"seq":' .. seq .. ',' .. ARGV[1]
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if ARGV[5] == '1' then redis.call('SET', KEYS[3], seq, 'EX', ARGV[3]) end
+local body, trim, maxlen, log_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local keyed, publish, first_user = ARGV[6] == '1', ARGV[7], 8
+local known = {}
+if keyed then known = redis.call('HMGET', KEYS[1], unpack(ARGV, first_user)) end
 -- Published behind a stamp of Redis' clock (common/protocol.py STAMP_MARK) so that a
 -- node can measure publish -> socket; the log keeps the bare frame.
 local now = redis.call('TIME')
 local stamp = '@' .. now[1] .. string.format('%06d', tonumber(now[2])) .. '\\n'
-redis.call(ARGV[6], KEYS[4], stamp .. frame)
-return seq
+local seqs, marks = {}, {}
+for i = 1, #ARGV - first_user + 1 do
+  local seq = known[i] and tonumber(known[i])
+  if not seq then
+    local k = 3 * i - 1
+    seq = redis.call('INCR', KEYS[k])
+    redis.call('EXPIRE', KEYS[k], seq_ttl)
+    if seq == 1 then redis.call('DEL', KEYS[k + 1]) end
+    local frame = '{"seq":' .. seq .. ',' .. body
+    redis.call('XADD', KEYS[k + 1], 'MAXLEN', trim, maxlen, seq .. '-0', 'f', frame)
+    redis.call('EXPIRE', KEYS[k + 1], log_ttl)
+    redis.call(publish, KEYS[k + 2], stamp .. frame)
+    marks[#marks + 1] = ARGV[first_user + i - 1]
+    marks[#marks + 1] = seq
+  end
+  seqs[i] = seq
+end
+if #marks > 0 and keyed then
+  redis.call('HSET', KEYS[1], unpack(marks))
+  redis.call('EXPIRE', KEYS[1], log_ttl)
+end
+return seqs
 """
 
 
@@ -83,6 +107,7 @@ class Bus:
         self.redis = redis
         self.keys = Keys(settings.namespace)
         self._maxlen = str(settings.user_log_maxlen)
+        self._trim = "~" if settings.user_log_maxlen >= APPROXIMATE_TRIM_FROM else "="
         self._log_ttl = str(settings.user_log_ttl)
         self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
         self._deliver = redis.register_script(_DELIVER)
@@ -103,35 +128,57 @@ class Bus:
         users = list(dict.fromkeys(user_ids))
         if not users:
             return {}
-        dedupe = "1" if delivery_key else "0"
-        marker = delivery_key or "-"
-        calls = [
-            (
-                [
-                    self.keys.seq(user),
-                    self.keys.log(user),
-                    self.keys.delivered(user, marker),
-                    self.keys.user_channel(user),
-                ],
-                [body, self._maxlen, self._log_ttl, SEQ_TTL, dedupe, self._publish],
-            )
-            for user in users
-        ]
+        groups = self._groups(users)
+        calls = [self._call(tag, group, body, delivery_key) for tag, group in groups]
         if self._pipeliner is not None:
-            seqs = await self._run_shared(calls)
+            replies = await self._run_shared(calls)
         elif self._cluster:
             # A cluster pipeline cannot load a missing script on the shard it lands
             # on, and a retry could publish twice on shards that did run it: EVAL
             # carries the body (Redis caches it compiled).
-            seqs = await self._run(calls, by_sha=False)
+            replies = await self._run(calls, by_sha=False)
         else:
             try:
-                seqs = await self._run(calls, by_sha=True)
+                replies = await self._run(calls, by_sha=True)
             except NoScriptError:
                 # Redis restarted or flushed its scripts: nothing ran, so run it again.
                 await self.redis.script_load(_DELIVER)
-                seqs = await self._run(calls, by_sha=True)
-        return {user: int(seq) for user, seq in zip(users, seqs, strict=True)}
+                replies = await self._run(calls, by_sha=True)
+        return {
+            user: int(seq)
+            for (_, group), seqs in zip(groups, replies, strict=True)
+            for user, seq in zip(group, seqs, strict=True)
+        }
+
+    def _groups(self, users: list[str]) -> list[tuple[str, list[str]]]:
+        """The users in script calls of at most USERS_PER_CALL, each with its marker's tag.
+
+        On Redis Cluster a script touches one slot: a call serves the users of one slot
+        and its marker carries that slot's tag, the same whichever users a retry of the
+        delivery groups together.
+        """
+        if not self._cluster:
+            step = USERS_PER_CALL
+            return [("", users[i : i + step]) for i in range(0, len(users), step)]
+        by_slot: dict[int, list[str]] = {}
+        for user in users:
+            by_slot.setdefault(key_slot(self.keys.seq(user).encode()), []).append(user)
+        tags = slot_tags()
+        return [
+            (tags[slot], members[i : i + USERS_PER_CALL])
+            for slot, members in by_slot.items()
+            for i in range(0, len(members), USERS_PER_CALL)
+        ]
+
+    def _call(
+        self, tag: str, users: list[str], body: bytes, delivery_key: str | None
+    ) -> tuple[list[str], list[Any]]:
+        keys = [self.keys.delivered(tag, delivery_key or "-")]
+        for user in users:
+            keys += (self.keys.seq(user), self.keys.log(user), self.keys.user_channel(user))
+        keyed = "1" if delivery_key else "0"
+        args = [body, self._trim, self._maxlen, self._log_ttl, SEQ_TTL, keyed, self._publish]
+        return keys, args + users
 
     async def _run_shared(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """The delivery script for each call, in the pipeline shared with other callers.

@@ -1,16 +1,20 @@
 """Every Redis key and channel name, in one place.
 
 Keys of one user share the hash tag ``{user_id}`` so that the seq counter, the
-delivery log, the dedupe markers and the user channel live in one Redis Cluster
-slot and can be touched by one script (SPEC §2). A user id may hold any character,
-braces included, so the tag holds it encoded (`user_tag`): a ``}`` in it would end the
-tag early and scatter one user's keys over several slots.
+delivery log and the user channel live in one Redis Cluster slot and can be touched
+by one script (SPEC §2); a delivery's marker takes the tag of its users' slot
+(`slot_tags`). A user id may hold any character, braces included, so the tag holds it
+encoded (`user_tag`): a ``}`` in it would end the tag early and scatter one user's keys
+over several slots.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 CONSUMER_GROUP = "workers"
 
@@ -64,8 +68,10 @@ class Keys:
     def log(self, user_id: str) -> str:
         return f"{self.ns}log:{{{user_tag(user_id)}}}"
 
-    def delivered(self, user_id: str, delivery_key: str) -> str:
-        return f"{self.ns}dlv:{{{user_tag(user_id)}}}:{delivery_key}"
+    def delivered(self, tag: str, delivery_key: str) -> str:
+        """A keyed delivery's marker (a hash: user -> seq), in the slot of hash tag `tag`
+        (a slot's tag from `slot_tags`, or a user id for that user's slot)."""
+        return f"{self.ns}dlv:{{{user_tag(tag)}}}:{delivery_key}"
 
     def devices(self, user_id: str) -> str:
         return f"{self.ns}devices:{{{user_tag(user_id)}}}"
@@ -149,3 +155,22 @@ class Keys:
 def partition_of(conversation_id: str, partitions: int) -> int:
     """The fixed partition of a conversation (stable across processes and restarts)."""
     return zlib.crc32(conversation_id.encode()) % partitions
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """For each Redis Cluster slot, a short hash tag whose keys land in it.
+
+    The first string of digits that hashes to each slot; built once (~0.2 s), the same
+    in every process, so a key named with it is the same for every caller.
+    """
+    tags: list[str] = [""] * REDIS_CLUSTER_HASH_SLOTS
+    missing, n = REDIS_CLUSTER_HASH_SLOTS, 0
+    while missing:
+        tag = str(n)
+        slot = key_slot(tag.encode())
+        if not tags[slot]:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(tags)
