@@ -202,3 +202,41 @@ async def test_flow_through_the_cluster_loses_nothing(
         print(f"cluster flow: {report}")
         report.assert_clean()
         assert report.delivered > 0
+
+
+async def test_keyed_delivery_keeps_its_seqs_however_a_retry_groups_its_users(
+    redis_cluster: str, settings: object
+) -> None:
+    from dataclasses import replace
+
+    from common.config import Settings
+    from common.transport.bus import Bus, connect_redis
+
+    assert isinstance(settings, Settings)
+    on_cluster = replace(settings, redis_url=redis_cluster, redis_cluster=True)
+    keys = Keys(on_cluster.namespace)
+    # Two users whose keys share a slot: one script call serves both.
+    by_slot: dict[int, str] = {}
+    for i in range(5000):
+        user = f"s{i}"
+        slot = key_slot(keys.seq(user).encode())
+        if slot in by_slot:
+            pair = [by_slot[slot], user]
+            break
+        by_slot[slot] = user
+    others = [f"o{i}" for i in range(20)]
+    client = await connect_redis(on_cluster)
+    try:
+        bus = Bus(client, on_cluster)
+        body = b'"type":"notification"}'
+        await bus.deliver([pair[1]], body)  # seq 1 for the second of the pair
+        first = await bus.deliver([pair[0], *others], body, "m7")
+        assert first == {pair[0]: 1, **dict.fromkeys(others, 1)}
+        # Retried after a crash with the pair together (one call, one marker for their
+        # slot) and fewer others: who had it keeps the seq, the one who had not gets it.
+        again = await bus.deliver([*pair, *others[:5]], body, "m7")
+        assert again == {pair[0]: 1, pair[1]: 2, **dict.fromkeys(others[:5], 1)}
+        assert await bus.deliver(pair, body, "m7") == {pair[0]: 1, pair[1]: 2}
+        assert [len(await bus.log_after(u, 0)) for u in pair] == [1, 2]
+    finally:
+        await client.aclose()

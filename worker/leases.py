@@ -3,6 +3,12 @@
 Workers register with a heartbeat; each takes its fair share, ceil(partitions /
 live workers), of the partitions, renews its leases, and gives up the excess when
 more workers join. A lease that cannot be renewed in time is treated as lost.
+
+Hand-over without a gap: a worker that joins, leaves or releases a partition says so
+on the workers' event stream (`announce`), and every worker waits on that stream
+(`next_change`) besides its renewal interval, so owners shed partitions the moment a
+worker joins and the partitions they release (or a leaving worker's) are taken at
+once, not one renewal interval (FANOUT_LEASE_TTL / 3) later.
 """
 
 from __future__ import annotations
@@ -10,11 +16,16 @@ from __future__ import annotations
 import math
 import random
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from common.transport.keys import Keys
 from common.transport.lease import Leases
+
+# Announcements kept on the event stream (approximately): readers only need the ones
+# since their last read, which is milliseconds ago.
+EVENTS_KEPT = 100
 
 
 class PartitionLeases:
@@ -31,14 +42,43 @@ class PartitionLeases:
         self.valid_until = 0.0
 
     async def live_workers(self) -> int:
-        """Heartbeat this worker and count the live ones (this one included)."""
+        """Heartbeat this worker and count the live ones (this one included); a worker
+        that was not counted yet announces that it joined."""
         now = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self._keys.workers, {self.worker_id: now + self._ttl_ms})
             pipe.zremrangebyscore(self._keys.workers, "-inf", now)
             pipe.zcard(self._keys.workers)
-            _, _, count = await pipe.execute()
+            added, _, count = await pipe.execute()
+        if added:
+            await self.announce("joined")
         return max(int(count), 1)
+
+    async def announce(self, change: str) -> None:
+        """Tell every worker that membership or ownership changed: they rebalance now."""
+        await self._redis.xadd(
+            self._keys.worker_events,
+            {"worker": self.worker_id, "change": change},
+            maxlen=EVENTS_KEPT,
+            approximate=True,
+        )
+
+    async def last_change(self) -> bytes:
+        """The id of the newest announcement (where `next_change` starts)."""
+        newest: Any = await self._redis.xrevrange(self._keys.worker_events, count=1)
+        return bytes(newest[0][0]) if newest else b"0-0"
+
+    async def next_change(self, after: bytes, block: float) -> tuple[bool, bytes]:
+        """Wait up to `block` s for announcements after id `after`: whether another
+        worker made one, and the id to wait after next."""
+        reply: Any = await self._redis.xread(
+            {self._keys.worker_events: after}, count=EVENTS_KEPT, block=int(block * 1000)
+        )
+        if not reply:
+            return False, after
+        events = reply[0][1]
+        others = any(fields.get(b"worker") != self.worker_id.encode() for _, fields in events)
+        return others, bytes(events[-1][0])
 
     def fair_share(self, workers: int) -> int:
         return math.ceil(self._partitions / workers)
@@ -68,11 +108,19 @@ class PartitionLeases:
         return gained
 
     async def release(self, partition: int) -> None:
+        """Give a partition up and say so: another worker takes it at once."""
         self.owned.discard(partition)
         await self._leases.release(self._keys.partition_lease(partition))
+        await self.announce("released")
+
+    async def withdraw(self) -> None:
+        """Stop counting as a live worker (draining): the others' fair share grows, so
+        they take each partition this worker releases as soon as it does."""
+        await self._redis.zrem(self._keys.workers, self.worker_id)
+        await self.announce("left")
 
     async def leave(self) -> None:
         """Give up every lease and the heartbeat (graceful stop)."""
+        await self._redis.zrem(self._keys.workers, self.worker_id)
         for partition in list(self.owned):
             await self.release(partition)
-        await self._redis.zrem(self._keys.workers, self.worker_id)

@@ -30,6 +30,7 @@ from worker.assistant.runner import ReplyRunner
 from worker.consumer import PartitionConsumer
 from worker.health import health_app
 from worker.leases import PartitionLeases
+from worker.outage import Backoff
 from worker.processor import ChatProcessor
 from worker.stats import WorkerStats
 from worker.sweeper import ExpirySweeper
@@ -105,6 +106,7 @@ class Worker:
 
     async def _run(self, stop: asyncio.Event, interval: float) -> None:
         sweeper = asyncio.create_task(self.sweeper.run(), name="sweeper")
+        watcher = asyncio.create_task(self._watch(interval), name="worker-events")
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -118,12 +120,33 @@ class Worker:
                 woken.cancel()
         finally:
             self.draining = True
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (watcher, sweeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             with contextlib.suppress(Exception):
                 await self.sweeper.release()  # another worker sweeps without waiting
             await self._drain()
+
+    async def _watch(self, interval: float) -> None:
+        """Rebalance at once when another worker joins, leaves or releases a partition."""
+        after: bytes | None = None
+        backoff = Backoff()
+        while True:
+            try:
+                if after is None:
+                    after = await self.leases.last_change()
+                changed, after = await self.leases.next_change(after, block=interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Redis is down: the interval rebalance goes on; so does this, later.
+                log.debug("worker events: %r", exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            if changed:
+                self._wake.set()
 
     async def _rebalance(self) -> None:
         try:
@@ -186,15 +209,25 @@ class Worker:
             await entry[1]
 
     async def _drain(self) -> None:
-        """Finish in-flight batches within the drain timeout, then give up the leases."""
+        """Finish in-flight batches within the drain timeout, giving up each partition's
+        lease as soon as its consumer is done; then the rest."""
+        with contextlib.suppress(Exception):
+            await self.leases.withdraw()
         for consumer, _ in self.consumers.values():
             consumer.stop()
-        tasks = [task for _, task in self.consumers.values()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        partition_of = {task: partition for partition, (_, task) in self.consumers.items()}
+        pending = set(partition_of)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            done, pending = await asyncio.wait(
+                pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                with contextlib.suppress(Exception):
+                    await self.leases.release(partition_of[task])
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*partition_of, return_exceptions=True)
         self.consumers.clear()
         await self.processor.writer.close()
         with contextlib.suppress(Exception):

@@ -119,6 +119,11 @@ class Keys:
     def workers(self) -> str:
         return f"{self.ns}workers"
 
+    @property
+    def worker_events(self) -> str:
+        """Stream of workers joining, leaving and releasing partitions (hand-over wake-ups)."""
+        return f"{self.ns}workers:events"
+
     # -- operations: stats, history, control (one hash tag: one Redis Cluster slot) ----
     def stats(self, kind: str, process_id: str) -> str:
         """One node's or worker's latest stats (a JSON string with a TTL)."""
