@@ -8,7 +8,9 @@ Each run starts 2 fresh nodes from one tree (`python -m common.cli node` with th
 tree as the working directory, so its code is imported, with this venv's packages),
 drives them with this tree's load generator (2 processes), stops them, and clears the
 run's Redis keys; trees alternate run by run, so a noisy neighbour hits both. It prints
-each run and the medians of node RSS per connection and deliveries per node CPU-second.
+each run and the medians of node RSS per connection, deliveries per node CPU-second,
+deliveries/s and Redis CPU per delivery (with `--tree-generator` each tree publishes
+with its own Bus.deliver, so the last compares the trees' delivery scripts).
 Uses Redis and Postgres at the default addresses, in a namespace and database of its own.
 """
 
@@ -66,7 +68,12 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
         for proc, port in nodes:
             cmd += ["--url", f"ws://127.0.0.1:{port}/ws", "--server-pid", str(proc.pid)]
         done = subprocess.run(
-            cmd, env={**os.environ, **env}, cwd=ROOT, capture_output=True, timeout=600, check=False
+            cmd,
+            env={**os.environ, **env},
+            cwd=tree if args.tree_generator else ROOT,
+            capture_output=True,
+            timeout=600,
+            check=False,
         )
         if not done.stdout.strip():
             raise RuntimeError(f"loadtest exited {done.returncode}: {done.stderr.decode()[-500:]}")
@@ -93,6 +100,11 @@ def main() -> None:
     parser.add_argument("--mode", default="idle")
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument(
+        "--tree-generator",
+        action="store_true",
+        help="each tree's own load generator (its Bus.deliver: what a delivery costs Redis)",
+    )
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-ab"))
     args = parser.parse_args()
     trees = [tuple(t.split("=", 1)) for t in args.trees]
@@ -115,6 +127,8 @@ def main() -> None:
     )
     kib: dict[str, list[float]] = {name: [] for name, _ in trees}
     per_cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
+    rates: dict[str, list[float]] = {name: [] for name, _ in trees}
+    redis_us: dict[str, list[float]] = {name: [] for name, _ in trees}
     try:
         for run in range(args.runs):
             for name, tree in trees:
@@ -122,12 +136,18 @@ def main() -> None:
                 servers = report.get("servers") or {}
                 kib[name].append(servers.get("rss_per_connection_kib") or 0.0)
                 per_cpu[name].append(servers.get("deliveries_per_cpu_s") or 0.0)
+                rate = report.get("deliveries_per_s") or 0.0
+                rates[name].append(rate)
+                # Redis CPU per delivery (the load test reads Redis' INFO over its window).
+                cores = (report.get("loadtest") or {}).get("redis_cpu_cores") or 0.0
+                redis_us[name].append(cores / rate * 1e6 if rate else 0.0)
                 print(
                     f"run {run} {name}: made {report['connections'].get('made')}, "
                     f"connect {report['connections'].get('connect_ms')}, "
                     f"{kib[name][-1]} KiB RSS per connection, "
                     f"{report.get('deliveries_per_s', 0):,.0f} deliveries/s, "
-                    f"{per_cpu[name][-1]:,.0f} per node CPU-s, lost {report.get('lost')}",
+                    f"{per_cpu[name][-1]:,.0f} per node CPU-s, Redis "
+                    f"{redis_us[name][-1]:.2f} µs per delivery, lost {report.get('lost')}",
                     flush=True,
                 )
                 clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
@@ -138,7 +158,11 @@ def main() -> None:
     for name, _ in trees:
         print(
             f"{name}: RSS per connection {kib[name]} KiB, median {statistics.median(kib[name])}; "
-            f"deliveries per node CPU-s median {statistics.median(per_cpu[name]):,.0f}"
+            f"deliveries per node CPU-s median {statistics.median(per_cpu[name]):,.0f}; "
+            f"deliveries/s median {statistics.median(rates[name]):,.0f} "
+            f"({min(rates[name]):,.0f}-{max(rates[name]):,.0f}); Redis µs per delivery median "
+            f"{statistics.median(redis_us[name]):.2f} "
+            f"({min(redis_us[name]):.2f}-{max(redis_us[name]):.2f})"
         )
 
 
