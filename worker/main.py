@@ -30,7 +30,7 @@ from worker.assistant.runner import ReplyRunner
 from worker.consumer import PartitionConsumer
 from worker.health import health_app
 from worker.leases import PartitionLeases
-from worker.outage import Backoff
+from worker.outage import retry_pacing
 from worker.processor import ChatProcessor
 from worker.stats import WorkerStats
 from worker.sweeper import ExpirySweeper
@@ -131,7 +131,7 @@ class Worker:
     async def _watch(self, interval: float) -> None:
         """Rebalance at once when another worker joins, leaves or releases a partition."""
         after: bytes | None = None
-        backoff = Backoff()
+        backoff = retry_pacing()
         while True:
             try:
                 if after is None:
@@ -142,7 +142,7 @@ class Worker:
             except Exception as exc:
                 # Redis is down: the interval rebalance goes on; so does this, later.
                 log.debug("worker events: %r", exc)
-                await asyncio.sleep(backoff.next())
+                await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             if changed:
