@@ -12,16 +12,14 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from common.config import Settings
-from common.store.postgres import Store
-from common.store.sessions import SessionDirectory
-from common.transport.bus import Bus
 from common.transport.keys import CONSUMER_GROUP, Keys
 from tests.harness import Cluster, connect, create_session, is_type, unique
-from worker.assistant.echo import EchoAssistant
 from worker.consumer import PartitionConsumer
 from worker.processor import ChatProcessor
 
@@ -79,6 +77,13 @@ async def test_joining_and_leaving_workers_take_partitions_over_at_once(
         await every_session_answers()
 
 
+class _NoReplies:
+    """A processor's reply runner with no replies in hand."""
+
+    async def release(self, partition: int, grace: float) -> None:
+        pass
+
+
 async def test_a_stopped_consumer_leaves_its_pending_entries_claimable_at_once(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
@@ -89,22 +94,19 @@ async def test_a_stopped_consumer_leaves_its_pending_entries_claimable_at_once(
     entry = await redis.xadd(stream, {"c": b"{}"})
     # The old owner read the entry and did not finish it (it kept failing, say).
     await redis.xreadgroup(CONSUMER_GROUP, "old", {stream: ">"})
-    async with Store.open(settings.database_url) as store:
-        bus = Bus(redis, settings)
-        processor = ChatProcessor(store, bus, SessionDirectory(redis, store, keys), EchoAssistant())
-        consumer = PartitionConsumer(
-            0,
-            redis=redis,
-            keys=keys,
-            settings=settings,
-            consumer="old",
-            processor=processor,
-            limit=asyncio.Semaphore(1),
-            on_health=lambda _: None,
-        )
-        consumer.stop()  # released: it returns without reading
-        await consumer.run()
-        await processor.writer.close()
+    consumer = PartitionConsumer(
+        0,
+        redis=redis,
+        keys=keys,
+        settings=settings,
+        consumer="old",
+        # Stopped (its partition released) before it reads: it processes nothing.
+        processor=cast(ChatProcessor, SimpleNamespace(replies=_NoReplies())),
+        limit=asyncio.Semaphore(1),
+        on_health=lambda _: None,
+    )
+    consumer.stop()
+    await consumer.run()
     # The next owner claims it now, not 60 s (FANOUT_CLAIM_IDLE) from now.
     reply = await redis.xautoclaim(stream, CONSUMER_GROUP, "new", 60_000, "0-0")
     assert [entry_id for entry_id, _ in reply[1]] == [entry]
