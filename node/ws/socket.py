@@ -3,6 +3,8 @@
 The socket is a ClientWire (node/ws/wire.py): frames arrive by callback from
 `data_received`; those that need awaiting (a chat) wait in a small inbox for a task
 that exists only while some wait; a lost socket departs in a task the node owns.
+Every frame but a close counts toward the rate limit, PINGs and PONGs too, and a pong
+goes out through the connection's bounded send queue (SPEC §4, issue 13).
 """
 
 from __future__ import annotations

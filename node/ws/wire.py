@@ -12,6 +12,11 @@ Frames out are written here, framed by common/wsframe.py (a message's frame is m
 once, for all its sockets); frames in are parsed by aiohttp's reader and handed to
 `received`/`failed` synchronously, from `data_received`.
 
+What aiohttp's reader lets through and RFC 6455 does not, the Wire refuses: an
+unmasked client frame (node/ws/maskcheck.py, close 1002). Frames the client sent
+behind the upgrade request, before the take-over, are fed to the Wire first
+(`feed_tail`).
+
 The take-over uses aiohttp internals, all of them behind node/ws/aiohttp_private.py
 (aiohttp's version pinned; tests/test_aiohttp_private.py checks what is relied on).
 """
