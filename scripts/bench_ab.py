@@ -31,10 +31,10 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from scripts.bench import _listening as listening  # noqa: E402
-from scripts.bench import clear_namespace, drop_database, free_port  # noqa: E402
+from bench_cluster import _listening as listening  # noqa: E402
+from bench_cluster import clear_namespace, drop_database, free_port  # noqa: E402
 
 NODES = 2
 
