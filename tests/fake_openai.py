@@ -1,7 +1,9 @@
 """A small OpenAI-compatible chat-completions server for tests, on loopback.
 
 It speaks the streaming format (server-sent events: `data: {chat.completion.chunk}`
-lines, then `data: [DONE]`) and answers "Echo: <last message>" a word per chunk.
+lines, then `data: [DONE]`) and answers "<prefix><last message>", `words_per_chunk`
+words per chunk ("Echo: ", one; scripts/bench_assistant.py makes it answer as the
+built-in echo does).
 Tests steer it:
 - `fail_with = 500`: every request gets that HTTP status;
 - a last message starting with "stall": one chunk ("Thinking"), then nothing until
@@ -29,6 +31,9 @@ class Seen:
 
 @dataclass(slots=True)
 class FakeOpenAI:
+    prefix: str = "Echo: "
+    words_per_chunk: int = 1
+    port: int = 0
     fail_with: int | None = None
     requests: list[Seen] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -41,7 +46,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._completions)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}/v1"
@@ -75,9 +80,10 @@ class FakeOpenAI:
             await _send(resp, body, "Thinking")
             self.stalled += 1
             await self.release.wait()
-        words = f"Echo: {last}".split(" ")
-        for k, word in enumerate(words):
-            await _send(resp, body, word if k == 0 else " " + word)
+        words = f"{self.prefix}{last}".split(" ")
+        for start in range(0, len(words), self.words_per_chunk):
+            text = " ".join(words[start : start + self.words_per_chunk])
+            await _send(resp, body, text if start == 0 else " " + text)
         await resp.write(_event(body, {}, finish="stop"))
         await resp.write(b"data: [DONE]\n\n")
         return resp
