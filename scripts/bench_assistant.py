@@ -11,15 +11,18 @@ noise hits both alike) and the medians of each are printed side by side, with th
 ratio openai/echo. The fake (tests/fake_openai.py) runs in a thread of this process
 and answers exactly what echo answers ("You said: <content>", three words a chunk),
 so the two differ only in the generator: the HTTP request, the SSE parsing and the
-history query.
+history query. With `--against DIR` (another revision's tree) a third variant runs
+that tree's workers with echo: what this tree's reply path costs echo itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +36,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_cluster import clear_namespace, drop_database, loadtest, running  # noqa: E402
+from bench_cluster import Cluster, clear_namespace, drop_database, loadtest, running  # noqa: E402
 from bench_plan import Scenario, Spec  # noqa: E402
 from bench_table import machine  # noqa: E402
 
@@ -71,6 +74,44 @@ def fake_model() -> Iterator[str]:
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+class TreeCluster(Cluster):
+    """A cluster whose workers run another tree's code (its directory as their cwd)."""
+
+    def __init__(self, tree: Path, spec: Spec, env: dict[str, str], logs: Path) -> None:
+        super().__init__(spec, env, logs)
+        self.tree = tree
+
+    def _spawn(self, name: str, args: list[str], extra: dict[str, str]) -> subprocess.Popen[bytes]:
+        if not name.startswith("worker"):
+            return super()._spawn(name, args, extra)
+        with (self.logs / f"{name}-tree.log").open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, *args],
+                env={**os.environ, **self.env, **extra, "FANOUT_NODE_ID": name},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.tree,
+                start_new_session=True,
+            )
+
+
+@contextmanager
+def running_from(
+    tree: Path | None, spec: Spec, env: dict[str, str], logs: Path
+) -> Iterator[Cluster]:
+    """bench_cluster.running, with the workers from `tree` when given."""
+    if tree is None:
+        with running(spec, env, logs) as cluster:
+            yield cluster
+        return
+    cluster = TreeCluster(tree, spec, env, logs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def wait_for_leases(redis_url: str, namespace: str, timeout: float = 30.0) -> None:
@@ -124,6 +165,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="chats/s")
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another revision's tree (git archive main | tar -x -C DIR): its workers with"
+        " echo as a third variant, to see what this tree's reply path costs echo",
+    )
     args = parser.parse_args()
     run_id = secrets.token_hex(4)
     data = ROOT / ".fanout-data" / "bench"
@@ -133,7 +181,8 @@ def main() -> None:
         "chat", args.rate, args.connections, args.duration, runs=1, processes=1, settle=5
     )
     spec = Spec("fanout", nodes=2)
-    results: dict[str, list[dict[str, Any]]] = {"echo": [], "openai": []}
+    names = ["echo", "openai"] + (["echo@tree"] if args.against else [])
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     started = time.monotonic()
     with (
         local_services(data, redis_url=DEFAULT_REDIS, database_url=DEFAULT_POSTGRES) as svc,
@@ -160,12 +209,14 @@ def main() -> None:
                 "FANOUT_ASSISTANT_API_KEY": "sk-bench",
                 "FANOUT_ASSISTANT_SYSTEM_PROMPT": "You are a benchmark.",
             },
+            "echo@tree": {**base, "FANOUT_ASSISTANT": "echo"},
         }
         try:
             for i in range(args.runs):
-                order = ["echo", "openai"] if i % 2 == 0 else ["openai", "echo"]
+                order = names if i % 2 == 0 else names[::-1]
                 for name in order:
-                    with running(spec, variants[name], logs) as cluster:
+                    tree = args.against if name == "echo@tree" else None
+                    with running_from(tree, spec, variants[name], logs) as cluster:
                         wait_for_leases(svc.redis_url, base["FANOUT_NAMESPACE"])
                         groups = {
                             "workers": [w.pid for w in cluster.workers],
@@ -193,13 +244,14 @@ def main() -> None:
         finally:
             clear_namespace(svc.redis_url, base["FANOUT_NAMESPACE"])
             asyncio.run(drop_database(f"{server}/postgres", database))
-    echo, openai = summary(results["echo"]), summary(results["openai"])
+    summaries = {name: summary(results[name]) for name in names}
+    echo = summaries["echo"]
     print(f"\n{machine()}; {time.monotonic() - started:.0f} s; medians of {args.runs} runs each.")
     print(f"Command: .venv/bin/python scripts/bench_assistant.py {' '.join(sys.argv[1:])}")
     print(
         f"chat @ {args.rate:.0f}/s, {args.connections} connections, {args.duration:.0f} s a run\n"
     )
-    print(f"{'':22}{'echo':>10}{'openai':>10}{'openai/echo':>13}")
+    print(f"{'':22}" + "".join(f"{n:>10}" for n in names) + f"{'openai/echo':>13}")
     for key, label in (
         ("ack_p50", "send->ack p50 ms"),
         ("ack_p99", "send->ack p99 ms"),
@@ -209,10 +261,13 @@ def main() -> None:
         ("nodes CPU ms/chat", "nodes CPU ms/chat"),
         ("fake model CPU ms/chat", "fake CPU ms/chat"),
     ):
-        ratio = openai[key] / echo[key] if echo[key] else float("nan")
-        print(f"{label:22}{echo[key]:10.2f}{openai[key]:10.2f}{ratio:13.2f}")
+        ratio = summaries["openai"][key] / echo[key] if echo[key] else float("nan")
+        row = "".join(f"{summaries[n][key]:10.2f}" for n in names)
+        print(f"{label:22}{row}{ratio:13.2f}")
     for key in ("sent", "replied", "lost"):
-        print(f"{key:22}{echo[key]:10.0f}{openai[key]:10.0f}")
+        print(f"{key:22}" + "".join(f"{summaries[n][key]:10.0f}" for n in names))
+    if args.against:
+        print(f"\necho@tree: the workers of {args.against} (nodes and load generator: this tree)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class ChatProcessor:
         if written.reply_id is not None:
             # Noted as owed, then made beside the stream (worker/assistant/runner.py):
             # the entry is acknowledged without waiting for the model.
-            await self.replies.owe(session, message, written.reply_id)
+            await self.replies.owe(session, message, written.reply_id, fresh=True)
         elif not written.created and takes_assistant_reply(
             session.status, session.agent, written.role
         ):
@@ -75,7 +75,8 @@ class ChatProcessor:
         reply = await self._store.find_message(session.id, ASSISTANT_ID, reply_key(message.id))
         if reply is None:
             # Owed already if the worker died after noting it: `owe` keeps that note.
-            await self.replies.owe(session, message, await self._store.next_message_id())
+            reply_id = await self._store.next_message_id()
+            await self.replies.owe(session, message, reply_id, fresh=False)
             return
         await self._bus.deliver(
             session.participants, message_body(reply), delivery_key=f"m{reply.id}"

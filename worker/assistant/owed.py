@@ -10,6 +10,8 @@ reads the hash when it takes the partition over and makes the replies it finds.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,13 @@ class OwedReplies:
             return owed
         earlier = await self._call("HGET", key, field)
         return OwedReply.decode(earlier) if earlier else owed
+
+    def record_soon(self, partition: int, owed: OwedReply) -> Awaitable[Any]:
+        """Record a new owed reply (none can exist yet); await the outcome later."""
+        args = ("HSET", self._keys.owed_replies(partition), str(owed.message_id), owed.encode())
+        if self._commands is not None:
+            return self._commands.submit(*args)
+        return asyncio.ensure_future(self._call(*args))
 
     async def settle(self, partition: int, message_id: int) -> None:
         """The reply is stored and delivered: nothing is owed any more."""

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -79,6 +79,8 @@ class _Job:
     partition: int
     session: SessionRecord | None
     message: MessageRecord | None
+    resumed: bool = False  # from a note: the reply may exist already
+    noted: Awaitable[Any] | None = None  # the note's write, when it went without a wait
     stop: Stop = field(default_factory=Stop)
     generating: bool = False
     task: asyncio.Task[None] | None = None
@@ -133,19 +135,40 @@ class ReplyRunner:
     def in_hand(self) -> int:
         return len(self._jobs)
 
-    async def owe(self, session: SessionRecord, message: MessageRecord, reply_id: int) -> None:
-        """Note a reply as owed (durably), then make it in the background."""
+    async def owe(
+        self, session: SessionRecord, message: MessageRecord, reply_id: int, *, fresh: bool
+    ) -> None:
+        """Note a reply as owed (durably, before returning) and make it in the background.
+
+        `fresh`: the message was stored just now, so no note of it can exist yet and
+        generation starts while the note is on its way to Redis. Otherwise (an entry
+        processed again) an earlier note, with its reply id, is kept and used.
+        """
         if message.id in self._jobs:
             return
         partition = partition_of(session.id, self._settings.partitions)
-        owed = await self._owed.note(partition, OwedReply(session.id, message.id, reply_id))
-        await self._admit(_Job(owed, partition, session, message))
+        owed = OwedReply(session.id, message.id, reply_id)
+        if not fresh:
+            owed = await self._owed.note(partition, owed)
+            await self._admit(_Job(owed, partition, session, message))
+            return
+        job = _Job(owed, partition, session, message)
+        job.noted = self._owed.record_soon(partition, owed)
+        await self._admit(job)
+        try:
+            await job.noted
+        except BaseException:
+            # Not durable: the entry is not acknowledged and comes again; this attempt
+            # must not leave a reply behind that no note covers.
+            if job.task is not None:
+                job.task.cancel()
+            raise
 
     async def resume(self, partition: int) -> None:
         """Make the replies a partition's previous owner left owed (it was taken over)."""
         found = await self._owed.all(partition)
         for owed in found:
-            await self._admit(_Job(owed, partition, None, None))
+            await self._admit(_Job(owed, partition, None, None, resumed=True))
         if found:
             log.info("partition %d: resuming %d owed replies", partition, len(found))
 
@@ -201,12 +224,18 @@ class ReplyRunner:
         loaded = await self._persist(lambda: self._load(job))
         if loaded is not None:
             session, message = loaded
-            existing = await self._persist(
-                lambda: self._store.find_message(session.id, ASSISTANT_ID, reply_key(message.id))
-            )
+            existing = None
+            if job.resumed:  # the previous owner may have stored it before dying
+                existing = await self._persist(
+                    lambda: self._store.find_message(
+                        session.id, ASSISTANT_ID, reply_key(message.id)
+                    )
+                )
             reply = existing or await self._generate(job, session, message)
             if reply is not None:
                 await self._persist(lambda: self._deliver(session, reply))
+        if job.noted is not None:
+            await job.noted  # settled after it was noted, never before (owe raised if failed)
         await self._persist(lambda: self._owed.settle(job.partition, owed.message_id))
 
     async def _load(self, job: _Job) -> tuple[SessionRecord, MessageRecord] | None:
@@ -231,6 +260,10 @@ class ReplyRunner:
         delay = settings.assistant_retry_delay
         backoff = Backoff(first=delay, cap=max(delay, RETRY_CAP))
         attempt = Attempt("")
+        # Deltas go out without a wait each: in order on the pipelined connection, and
+        # their outcomes are collected after the reply is stored. A lost delta is no
+        # loss (the stored reply has the text), so a failed one is only logged.
+        published: list[Awaitable[None]] = []
 
         async def publish(text: str) -> None:
             delta = {
@@ -239,7 +272,12 @@ class ReplyRunner:
                 "message_id": job.owed.reply_id,
                 "delta": text,
             }
-            await self._bus.publish(session.participants, encode(delta))
+            frame = encode(delta)
+            if self._bus.pipelined:
+                published.append(self._bus.publish_soon(session.participants, frame))
+            else:  # pooled connections keep no order between calls: one at a time
+                published.append(self._bus.publish(session.participants, frame))
+                await published.pop()
 
         job.generating = True
         try:
@@ -262,9 +300,13 @@ class ReplyRunner:
                     tried + 1,
                     attempt.error,
                 )
+            job.generating = False
+            return await self._persist(lambda: self._store_outcome(job, session, attempt))
         finally:
             job.generating = False
-        return await self._persist(lambda: self._store_outcome(job, session, attempt))
+            for outcome in await asyncio.gather(*published, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.warning("a delta of reply %d was lost: %r", job.owed.reply_id, outcome)
 
     async def _store_outcome(
         self, job: _Job, session: SessionRecord, attempt: Attempt

@@ -2,9 +2,12 @@
 fails, stalls or is told to stop.
 
 The generator runs in a task of its own (the pump) that feeds a bounded queue; this
-side takes everything the queue holds at once and publishes it as one delta, so chunks
-that arrive while a delta is being published (a few ms, one Redis round trip) go out
-together. What was published is exactly what the attempt returns as its text.
+side takes everything the queue holds, waits up to COALESCE s from the first of them
+for more, and publishes them as one delta: a model that streams a token a millisecond
+costs one PUBLISH per few ms, not one per token. The end of the stream is never waited
+for: the last delta goes out the moment it is known to be the last. What was published
+is exactly what the attempt returns as its text. `publish` is expected to hand the
+delta over without waiting for Redis (the runner pipelines it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 # Chunks made but not yet published; at the bound the pump waits (the model's stream
 # is not read further until the deltas catch up).
 QUEUE_SIZE = 256
+# Seconds a delta waits for more chunks to join it.
+COALESCE = 0.003
 
 
 class Stop:
@@ -77,6 +82,8 @@ async def stream_reply(
     try:
         while not stop.requested:
             batch, last = _take_all(await queue.get(), queue)
+            if last is None:
+                batch, last = await _gather_more(batch, queue)
             if batch and not stop.requested:
                 parts.append(batch)
                 await publish(batch)
@@ -92,6 +99,19 @@ async def stream_reply(
         pump.cancel()
         # Owned: the pump (and the generator's HTTP response) is gone before we return.
         await asyncio.gather(pump, return_exceptions=True)
+
+
+async def _gather_more(batch: str, queue: asyncio.Queue[Item]) -> tuple[str, Item | None]:
+    """Add the chunks that come within COALESCE s, or until the stream ends or fails."""
+    last: Item | None = None
+    try:
+        async with asyncio.timeout(COALESCE):
+            while last is None:
+                more, last = _take_all(await queue.get(), queue)
+                batch += more
+    except TimeoutError:
+        pass  # the window closed: publish what there is
+    return batch, last
 
 
 def _take_all(first: Item, queue: asyncio.Queue[Item]) -> tuple[str, Item | None]:
