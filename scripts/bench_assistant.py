@@ -172,6 +172,7 @@ def main() -> None:
         help="another revision's tree (git archive main | tar -x -C DIR): its workers with"
         " echo as a third variant, to see what this tree's reply path costs echo",
     )
+    parser.add_argument("--history", type=int, default=20, help="FANOUT_ASSISTANT_HISTORY")
     args = parser.parse_args()
     run_id = secrets.token_hex(4)
     data = ROOT / ".fanout-data" / "bench"
@@ -208,6 +209,7 @@ def main() -> None:
                 "FANOUT_ASSISTANT_MODEL": "fake",
                 "FANOUT_ASSISTANT_API_KEY": "sk-bench",
                 "FANOUT_ASSISTANT_SYSTEM_PROMPT": "You are a benchmark.",
+                "FANOUT_ASSISTANT_HISTORY": str(args.history),
             },
             "echo@tree": {**base, "FANOUT_ASSISTANT": "echo"},
         }

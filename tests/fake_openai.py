@@ -38,6 +38,7 @@ class FakeOpenAI:
     requests: list[Seen] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     stalled: int = 0
+    peers: set[object] = field(default_factory=set)  # client (host, port)s: new connections
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -67,6 +68,8 @@ class FakeOpenAI:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if request.transport is not None:
+            self.peers.add(request.transport.get_extra_info("peername"))
         self.requests.append(Seen(dict(request.headers), body))
         if self.fail_with is not None:
             return web.json_response({"error": {"message": "boom"}}, status=self.fail_with)

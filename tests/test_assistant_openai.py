@@ -90,6 +90,7 @@ async def test_deltas_make_the_stored_reply_and_the_request_carries_the_context(
         ("assistant", "Echo: and again"),
     ], "each reply stored once"
 
+    assert len(fake.peers) == 1, "one kept-alive connection for both requests"
     seen = fake.requests[-1]
     assert seen.headers["Authorization"] == "Bearer sk-test-123"
     assert seen.body["model"] == "fake-model-1"

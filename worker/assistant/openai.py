@@ -45,13 +45,14 @@ class OpenAIAssistant:
         self._model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._system = system_prompt
-        # The earlier messages plus the one answered.
-        self._context = history_size + 1
+        self._earlier = history_size
         # Read timeout: seconds without a byte from the server (a stalled stream).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
 
     async def reply(self, session: SessionRecord, message: MessageRecord) -> AsyncIterator[str]:
-        turns = await self._history(session.id, message.id, self._context)
+        turns = [Turn("user", message.content)]  # the message answered is in hand
+        if self._earlier:
+            turns = await self._history(session.id, message.id - 1, self._earlier) + turns
         body = {"model": self._model, "stream": True, "messages": self._messages(turns)}
         headers = self._request_headers()
         async with self._http.post(
