@@ -8,6 +8,8 @@ up to the one being answered (common/store/replies.py), oldest first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,8 @@ from worker.assistant.base import GeneratorError
 History = Callable[[str, int, int], Awaitable[list[Turn]]]
 
 _DONE = b"[DONE]"
+# Seconds to wait for the end of the body after [DONE].
+LINGER = 0.1
 
 
 class OpenAIAssistant:
@@ -67,6 +71,7 @@ class OpenAIAssistant:
                 if data is None:
                     continue
                 if data == _DONE:
+                    await _read_to_end(resp)
                     return
                 text, finished = _chunk(data)
                 if text:
@@ -80,6 +85,16 @@ class OpenAIAssistant:
 
     def _request_headers(self) -> dict[str, str]:
         return {**self._headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+async def _read_to_end(resp: aiohttp.ClientResponse) -> None:
+    """Read what follows [DONE] (the end of the chunked body): a response read to its end
+    hands its connection back to the pool, one left unread closes it. Bounded, so a
+    server that keeps the stream open after [DONE] costs LINGER s, not a stalled reply."""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(LINGER):
+            while await resp.content.readany():
+                pass
 
 
 def _sse_data(line: bytes) -> bytes | None:
