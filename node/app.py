@@ -34,6 +34,7 @@ from node.http import (
     participants,
     schemas,
     sessions,
+    webhooks,
 )
 from node.http.base import api_errors
 from node.http.cors import cors
@@ -73,6 +74,7 @@ TABLES = (
     participants.ROUTES,
     messages.ROUTES,
     admin.ROUTES,
+    webhooks.ROUTES,
     health.ROUTES,
     client.ROUTES,
     WEBSOCKET,
@@ -98,7 +100,11 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
         redis = await connect_redis(settings)
         try:
             async with (
-                Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
+                Store.open(
+                    settings.database_url,
+                    max_size=settings.db_pool_size,
+                    webhooks=settings.webhook_url is not None,
+                ) as store,
                 command_connection(redis, cluster=settings.redis_cluster) as commands,
             ):
                 bus = Bus(redis, settings, commands)

@@ -76,8 +76,10 @@ class WorkerCollector(Collector):
         yield depth
 
 
-def health_app(worker: WorkerView, stats: WorkerStats) -> web.Application:
-    """The worker's probe and metrics endpoints."""
+def health_app(
+    worker: WorkerView, stats: WorkerStats, extra: Iterable[Collector] = ()
+) -> web.Application:
+    """The worker's probe and metrics endpoints; `extra`: more families for /metrics."""
     app = web.Application()
     app[WORKER] = worker
     registry = CollectorRegistry()
@@ -85,6 +87,8 @@ def health_app(worker: WorkerView, stats: WorkerStats) -> web.Application:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(WorkerCollector(worker, stats))
+    for collector in extra:
+        registry.register(collector)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

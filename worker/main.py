@@ -34,6 +34,8 @@ from worker.outage import retry_pacing
 from worker.processor import ChatProcessor
 from worker.stats import WorkerStats
 from worker.sweeper import ExpirySweeper
+from worker.webhooks.dispatcher import dispatching
+from worker.webhooks.metrics import WebhookCollector
 from worker.writer import BatchWriter
 
 log = logging.getLogger("fanout.worker")
@@ -247,7 +249,11 @@ async def serve(settings: Settings) -> None:
     redis = await connect_redis(settings)
     try:
         async with (
-            Store.open(settings.database_url, max_size=settings.db_pool_size) as store,
+            Store.open(
+                settings.database_url,
+                max_size=settings.db_pool_size,
+                webhooks=settings.webhook_url is not None,
+            ) as store,
             command_connection(redis, cluster=settings.redis_cluster) as commands,
             open_generator(settings, store) as assistant,
         ):
@@ -262,23 +268,27 @@ async def serve(settings: Settings) -> None:
             stats = WorkerStats(worker, redis)
             stop = stop_event()
             runner: web.AppRunner | None = None
-            if settings.worker_port is not None:
-                # The head deadline of the node (node/http/deadlines.py); no route takes a body.
-                runner = web.AppRunner(
-                    health_app(worker, stats),
-                    access_log=None,
-                    keepalive_timeout=settings.http_head_timeout,
-                )
-                await runner.setup()
-                await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
-            freeze_startup_objects()
-            log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
-            try:
-                async with stats:  # written through the drain, removed once it is done
-                    await worker.run(stop)
-            finally:
-                if runner is not None:
-                    await runner.cleanup()
+            # Webhooks (FANOUT_WEBHOOK_URL): delivered beside the partitions, not in them.
+            async with dispatching(settings, store, redis) as webhooks:
+                if settings.worker_port is not None:
+                    extra = [WebhookCollector(webhooks)] if webhooks is not None else []
+                    # The head deadline of the node (node/http/deadlines.py); no route
+                    # takes a body.
+                    runner = web.AppRunner(
+                        health_app(worker, stats, extra),
+                        access_log=None,
+                        keepalive_timeout=settings.http_head_timeout,
+                    )
+                    await runner.setup()
+                    await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
+                freeze_startup_objects()
+                log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
+                try:
+                    async with stats:  # written through the drain, removed once it is done
+                        await worker.run(stop)
+                finally:
+                    if runner is not None:
+                        await runner.cleanup()
     finally:
         await redis.aclose()
     log.info("worker %s stopped", settings.node_id)

@@ -145,8 +145,14 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncIterator[Store]:
-        """A pool for the process's lifetime; closed on exit."""
+    async def open(
+        cls, url: str, *, min_size: int = 1, max_size: int = 10, webhooks: bool = False
+    ) -> AsyncIterator[Store]:
+        """A pool for the process's lifetime; closed on exit.
+
+        `webhooks`: this process's writes record webhook events (the outbox triggers of
+        migration 4 read `fanout.webhooks`, set once per connection, so nothing is reset).
+        """
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
@@ -154,6 +160,7 @@ class Store:
             timeout=5,
             command_timeout=30,
             reset=_keep_session_state,
+            server_settings={"fanout.webhooks": "on" if webhooks else "off"},
         )
         try:
             yield cls(pool)

@@ -111,6 +111,12 @@ class Keys:
         return f"{self.ns}lease:sweeper"
 
     @property
+    def webhook_lease(self) -> str:
+        """The webhook dispatcher's lease: one worker delivers, so a session's events
+        leave in order (worker/webhooks/dispatcher.py)."""
+        return f"{self.ns}lease:webhooks"
+
+    @property
     def sweeps(self) -> str:
         """A bounded list of recent sweeps, newest first (JSON: worker, start, end, counts)."""
         return f"{self.ns}sweeps"

@@ -197,6 +197,30 @@ class ConnectionsQuery(Struct):
     limit: Annotated[int, Meta(ge=1, le=CONNECTIONS_MAX)] = CONNECTIONS_DEFAULT
 
 
+class DeadLetter(Struct):
+    id: Annotated[str, Meta(description="the event id (Fanout-Event-Id)")]
+    session_id: str
+    type: Literal["message.created", "session.updated", "session.deleted"]
+    created_at: datetime
+    dead_at: datetime
+    attempts: int
+    last_error: str | None
+
+
+class DeadLetters(Struct):
+    """Webhook events given up on after FANOUT_WEBHOOK_MAX_AGE, and the outbox backlog."""
+
+    enabled: Annotated[bool, Meta(description="FANOUT_WEBHOOK_URL is set on this node")]
+    items: list[DeadLetter]
+    total: int
+    waiting: Annotated[int, Meta(description="events not yet delivered")]
+    oldest_age_s: Annotated[float, Meta(description="age of the oldest of them; 0 if none")]
+
+
+class DeadLettersQuery(Struct):
+    limit: Annotated[int, Meta(ge=1, le=500)] = 50
+
+
 class Disconnected(Struct):
     user_id: str
     devices: int
