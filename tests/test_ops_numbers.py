@@ -70,15 +70,18 @@ async def test_delivery_latency_runs_from_publication_to_the_socket(
 
             async def sampled() -> dict[str, float] | None:
                 after = await metrics(node.url)
-                grew = after["fanout_delivery_latency_seconds_count"] > (
-                    before["fanout_delivery_latency_seconds_count"]
+                grew = (
+                    after["fanout_delivery_latency_seconds_count"]
+                    > (before["fanout_delivery_latency_seconds_count"])
                 )
                 return after if grew else None
 
             after = await eventually(sampled, what="a latency sample")
-    assert after["fanout_delivery_latency_seconds_count"] - (
-        before["fanout_delivery_latency_seconds_count"]
-    ) == 1
+    assert (
+        after["fanout_delivery_latency_seconds_count"]
+        - (before["fanout_delivery_latency_seconds_count"])
+        == 1
+    )
     # Above 0.5 s, below 2.5 s: not the ~0 ms a measure from the node's own receipt gives.
     assert _bucket(after, "0.5") == _bucket(before, "0.5")
     assert _bucket(after, "2.5") == _bucket(before, "2.5") + 1

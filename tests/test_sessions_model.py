@@ -150,7 +150,9 @@ async def test_postgres_and_the_frames_follow_the_model(
                     got = await system.changes.update(sid, agent=arg)
                 else:
                     expected = model.join(arg)
-                    got = await system.changes.add_participant(sid, arg, role="user")
+                    got = await system.changes.add_participant(
+                        sid, arg, role="user", cap=Settings().max_participants
+                    )
                 assert got is not None
                 assert expected is not False, f"{op} {arg} was allowed; the model refuses it"
             except Refused:
