@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from common.transport.keys import partition_of
+from common.transport.keys import Keys, partition_of
 from tests.fake_openai import FakeOpenAI
 from tests.harness import Client, Cluster, connect, create_session, is_type, messages_in_db
-from tests.test_sessions_api import patch
+from tests.test_sessions_api import call, patch
 
 PARTITIONS = 4  # tests/conftest.py's env
 
@@ -230,3 +230,75 @@ async def test_a_worker_killed_mid_reply_leaves_the_reply_owed_to_the_next(
     assert reply["message"]["content"] == "ThinkingEcho: stall then die"
     rows = await messages_in_db(database_url, session_id)
     assert [r["role"] for r in rows] == ["user", "assistant"], "the reply made once"
+
+
+@pytest.mark.parametrize(
+    ("change", "kept"),
+    [({"agent": "human"}, True), ({"status": "completed"}, True), (None, False)],
+    ids=["hand-off", "close", "delete"],
+)
+async def test_a_hand_off_close_or_delete_mid_reply_stops_it(
+    cluster: Cluster,
+    database_url: str,
+    fake: FakeOpenAI,
+    redis: Any,
+    namespace: str,
+    change: dict[str, str] | None,
+    kept: bool,
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "wes")
+    async with connect(node, "wes", "phone") as wes:
+        await wes.chat(session_id, "stall until told")
+        await wes.until(is_type("message_delta", session_id=session_id))
+        if change is None:
+            code, _ = await call(node, "DELETE", f"/api/v1/sessions/{session_id}", "wes")
+            assert code == 204
+        else:
+            code, _ = await patch(node, session_id, "wes", **change)
+            assert code == 200
+        if kept:
+            reply = await wes.until(
+                lambda f: f["type"] == "message" and f["message"]["role"] == "assistant"
+            )
+            assert reply["message"]["content"] == "Thinking"
+            assert reply["message"]["metadata"] == {"interrupted": True}
+    # Nothing is owed any more: the reply was stopped, not left for another worker.
+    owed_key = Keys(namespace).owed_replies(partition_of(session_id, PARTITIONS))
+    await _wait_for_async(lambda: redis.hlen(owed_key), 0)
+    assert fake.stalled == 1 and len(fake.requests) == 1, "no second attempt"
+    rows = await messages_in_db(database_url, session_id)
+    assert [r["role"] for r in rows] == (["user", "assistant"] if kept else [])
+
+
+async def test_the_concurrency_cap_holds_replies_beyond_it(
+    cluster: Cluster, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    await cluster.worker(**openai_env(fake, FANOUT_ASSISTANT_CONCURRENCY="1"))
+    stalled = await create_session(node, "xia")
+    waiting = await create_session(node, "xia")
+    async with connect(node, "xia", "phone") as xia:
+        await xia.chat(stalled, "stall first")
+        await _wait_for(lambda: fake.stalled == 1)
+        msg = await xia.chat(waiting, "then me")
+        await xia.until(is_type("message", message__client_msg_id=msg))
+        await asyncio.sleep(0.5)
+        assert len(fake.requests) == 1, "the second reply waits for the one slot"
+        fake.release.set()
+        reply = await xia.until(
+            lambda f: (
+                f["type"] == "message"
+                and f["session_id"] == waiting
+                and f["message"]["role"] == "assistant"
+            )
+        )
+    assert reply["message"]["content"] == "Echo: then me"
+
+
+async def _wait_for_async(read: Any, expected: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (value := await read()) != expected:
+        assert time.monotonic() < deadline, f"still {value!r}"
+        await asyncio.sleep(0.05)
