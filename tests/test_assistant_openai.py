@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -121,7 +122,7 @@ async def test_a_failing_server_gets_retried_then_a_system_error_and_the_session
     cluster: Cluster, database_url: str, fake: FakeOpenAI
 ) -> None:
     node = await cluster.node()
-    await cluster.worker(**openai_env(fake))
+    worker = await cluster.worker(**openai_env(fake))
     session_id = await create_session(node, "quinn")
     fake.fail_with = 500
     async with connect(node, "quinn", "phone") as quinn:
@@ -135,6 +136,10 @@ async def test_a_failing_server_gets_retried_then_a_system_error_and_the_session
         assert (ok["role"], ok["content"]) == ("assistant", "Echo: now?")
     rows = await messages_in_db(database_url, session_id)
     assert [r["role"] for r in rows] == ["user", "system", "user", "assistant"]
+    async with aiohttp.ClientSession() as http, http.get(f"{worker.url}/metrics") as resp:
+        metrics = await resp.text()
+    assert 'fanout_worker_replies_total{outcome="failed"} 1.0' in metrics
+    assert 'fanout_worker_replies_total{outcome="complete"} 1.0' in metrics
     assert orjson.loads(rows[1]["metadata"])["error"] == failed["metadata"]["error"]
 
 

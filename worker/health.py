@@ -37,6 +37,21 @@ class WorkerCollector(Collector):
         yield CounterMetricFamily(
             "fanout_worker_processed", "Chat entries processed", value=worker.processor.processed
         )
+        replies = worker.processor.replies
+        made = CounterMetricFamily(
+            "fanout_worker_replies",
+            "Assistant replies stored, by outcome (failed: a system error message instead)",
+            labels=["outcome"],
+        )
+        made.add_metric(["complete"], replies.made)
+        made.add_metric(["interrupted"], replies.interrupted)
+        made.add_metric(["failed"], replies.failed)
+        yield made
+        yield GaugeMetricFamily(
+            "fanout_worker_replies_in_hand",
+            "Replies being generated or waiting for their turn or a slot",
+            value=replies.in_hand,
+        )
         yield CounterMetricFamily(
             "fanout_worker_failures",
             "Entries whose processing failed (each attempt counts)",
