@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from openapi_schema_validator import OAS31Validator
@@ -139,8 +140,12 @@ class Checker:
             ) as resp,
         ):
             assert resp.status == expect, (method, path, await resp.text())
-            body = await resp.json() if resp.content_type == "application/json" else None
+            raw = await resp.read()
+            media = resp.content_type if raw else None  # a 204 has no body, so no type
+            body = orjson.loads(raw) if media == "application/json" else None
         answer = self.doc["paths"][template][method.lower()]["responses"][str(expect)]
+        documented = {m.split(";")[0] for m in answer.get("content", {})}
+        assert media in (documented or {None}), (method, template, media, documented)
         schema = answer.get("content", {}).get("application/json", {}).get("schema")
         assert (schema is None) == (body is None), (method, template, expect)
         if schema is not None:
@@ -207,7 +212,18 @@ async def test_a_running_node_answers_as_its_document_says(cluster: Cluster, nod
         expect=200,
         user_id="ann",
     )
+    posted = {"client_msg_id": "m-1", "content": "over HTTP"}
+    await check.call("POST", one + "/messages", "ann", expect=202, json=posted, session_id=sid)
+    await check.call("POST", one + "/messages", "ann", expect=400, json={}, session_id=sid)
+    member = one + "/participants/{user_id}"
+    await check.call("DELETE", member, "ann", expect=204, session_id=sid, user_id="cy")
+    await check.call("DELETE", member, "ann", expect=409, session_id=sid, user_id="ann")
     await check.call("DELETE", one, "ann", expect=204, session_id=sid)
     await check.call("GET", "/healthz", None, expect=200)
     await check.call("GET", "/readyz", None, expect=200)
     await check.call("GET", "/dashboard/{name}", None, expect=404, name="nothing.js")
+    await check.call("GET", "/dashboard", None, expect=200)
+    await check.call("GET", "/client/{name}", None, expect=200, name="fanout.js")
+    await check.call("GET", "/client/{name}", None, expect=404, name="nothing.js")
+    await check.call("GET", "/demo/{name}", None, expect=404, name="nothing.js")
+    await check.call("GET", "/metrics", None, expect=200)

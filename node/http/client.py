@@ -6,6 +6,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from node.http.base import ApiError
 from node.http.routes import Route
 
 STATIC = Path(__file__).parents[1] / "static"  # node/static
@@ -37,7 +38,7 @@ async def client_file(request: web.Request) -> web.StreamResponse:
     """GET /client/{name}: the ES module and its TypeScript declarations."""
     name = request.match_info["name"]
     if name not in CLIENT_FILES:
-        raise web.HTTPNotFound()
+        raise ApiError(404, "NOT_FOUND", "no such file")
     return _file(CLIENT / name, CLIENT_FILES[name])
 
 
@@ -52,7 +53,7 @@ async def demo_asset(request: web.Request) -> web.StreamResponse:
     """GET /demo/{name}: the page's script and style sheet."""
     name = request.match_info["name"]
     if name not in DEMO_ASSETS:
-        raise web.HTTPNotFound()
+        raise ApiError(404, "NOT_FOUND", "no such file")
     return _file(STATIC / name, DEMO_ASSETS[name])
 
 
