@@ -152,27 +152,26 @@ class NodeStats(StatsWriter):
         metrics.draining.set(1 if record["draining"] else 0)
 
     def _write_users(self, pipe: Any) -> frozenset[str]:
-        """Queue this node's user HyperLogLog (rebuilt when its users changed); the users.
+        """Queue the changes to this node's user set; the users it will hold.
 
-        Summing per-node user counts counts a user on two nodes twice; PFCOUNT over every
-        node's HyperLogLog counts distinct users (common/transport/stats.distinct_users).
+        Summing per-node user counts counts a user on two nodes twice; the union of
+        every node's set counts distinct users (common/transport/stats.distinct_users).
+        Only the difference since the last write is sent (the whole set after an error).
         """
         state = self._state
         key = state.keys.stats_users(state.settings.node_id)
         users = frozenset(state.hub.users)
-        ttl = int(state.settings.lease_ttl * 1000)
-        if users != self._users_written:
-            # Built aside and renamed over: a reader never sees it half built.
-            building = f"{key}:next"
-            pipe.delete(building)
-            ordered = sorted(users)
-            for start in range(0, len(ordered), HASH_CHUNK):
-                pipe.pfadd(building, *ordered[start : start + HASH_CHUNK])
-            if ordered:
-                pipe.rename(building, key)
-            else:
-                pipe.delete(key)
-        pipe.pexpire(key, ttl)
+        known = self._users_written
+        if known is None:
+            pipe.delete(key)
+            added, removed = sorted(users), []
+        else:
+            added, removed = sorted(users - known), sorted(known - users)
+        for start in range(0, len(removed), HASH_CHUNK):
+            pipe.srem(key, *removed[start : start + HASH_CHUNK])
+        for start in range(0, len(added), HASH_CHUNK):
+            pipe.sadd(key, *added[start : start + HASH_CHUNK])
+        pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
         return users
 
     def _sync_connections(self, pipe: Any) -> set[str] | None:
@@ -224,6 +223,10 @@ class NodeStats(StatsWriter):
         )
         state.metrics.set_queue_depth(depths)
         users = await distinct_users(state.redis, state.keys, nodes)
+        # Kept for /admin/stats (every dashboard polls it): one union per interval.
+        await state.redis.set(
+            state.keys.stats_users_total, users, px=int(state.settings.stats_interval * 2000)
+        )
         totals = summarize(nodes, workers, sum(depths.values()), users)
         await append_history(
             state.redis, state.keys, history_point(totals, int(time.time() * 1000))

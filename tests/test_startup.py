@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -122,3 +123,21 @@ def test_worker_and_migrate_with_a_service_down_exit_with_one_line(
     assert len(lines) == 1, result.stderr
     assert f"127.0.0.1:{closed}" in lines[0]
     assert lines[0].startswith(f"fanout {command}: ")
+
+
+async def test_a_worker_port_in_use_is_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "common.cli", "worker", "--port", str(port)],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"cannot serve health on port {port}" in result.stderr.strip().splitlines()[-1]

@@ -280,7 +280,14 @@ async def serve(settings: Settings) -> None:
                         keepalive_timeout=settings.http_head_timeout,
                     )
                     await runner.setup()
-                    await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
+                    try:
+                        await web.TCPSite(runner, "0.0.0.0", settings.worker_port).start()
+                    except OSError as exc:
+                        await runner.cleanup()
+                        raise StartError(
+                            f"cannot serve health on port {settings.worker_port}: "
+                            f"{exc.strerror or exc}"
+                        ) from None
                 freeze_startup_objects()
                 log.info("worker %s started (%d partitions)", settings.node_id, settings.partitions)
                 try:

@@ -136,8 +136,13 @@ class Keys:
         return f"{self.ns}{{stats}}:{kind}:{process_id}"
 
     def stats_users(self, node_id: str) -> str:
-        """HyperLogLog of the users a node holds: PFCOUNT over all nodes = distinct users."""
+        """The set of users a node holds: the size of the nodes' union = distinct users."""
         return f"{self.ns}{{stats}}:users:{node_id}"
+
+    @property
+    def stats_users_total(self) -> str:
+        """Distinct users across the cluster, counted by the historian (short TTL)."""
+        return f"{self.ns}{{stats}}:users-total"
 
     def stats_index(self, kind: str) -> str:
         """Sorted set of the live processes of a kind, scored by when their stats expire."""

@@ -23,11 +23,11 @@ from common.transport.stats import (
     HISTORY_SECONDS,
     NODE,
     WORKER,
-    distinct_users,
     queue_stats,
     read_history,
     read_processes,
     summarize,
+    users_total,
 )
 from node.delivery.control import BROADCAST, DISCONNECT, command
 from node.http import schemas
@@ -99,7 +99,7 @@ async def cluster_stats(request: web.Request) -> web.Response:
     owners = await state.redis.mget(
         [state.keys.partition_lease(p) for p in range(state.settings.partitions)]
     )
-    users = await distinct_users(state.redis, state.keys, nodes)
+    users = await users_total(state.redis, state.keys, nodes)
     state.metrics.set_queue_depth(depths)
     queue = queue_stats(depths, owners)
     return json_response(
