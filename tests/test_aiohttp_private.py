@@ -24,6 +24,7 @@ from common.wsframe import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, frame_header, 
 from node.ws.aiohttp_private import (
     FrameReader,
     MessageRelay,
+    close_after_response,
     close_code_of,
     frame_reader,
     queued_by_aiohttp,
@@ -160,9 +161,9 @@ class Echo(asyncio.Protocol):
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[int]:
+async def serving(handler: Handler, method: str = "GET") -> AsyncIterator[int]:
     app = web.Application()
-    app.router.add_get("/ws", handler)
+    app.router.add_route(method, "/ws", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -250,3 +251,23 @@ async def test_a_taken_tail_is_whole_and_the_released_socket_serves_a_new_protoc
         assert await asyncio.wait_for(reader.readexactly(6), 5) == text_frame(b"four")
         writer.close()
     assert seen["queued"] == []
+
+
+async def test_a_connection_closed_after_its_response_does_not_wait_for_the_body() -> None:
+    """A slow body's 408 (node/http/deadlines.py) is written, then the connection ends at
+    once: without it aiohttp keeps reading the unread body (lingering) for seconds."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.Response(text="bye")
+        await response.prepare(request)
+        await response.write_eof()
+        close_after_response(request)
+        return response
+
+    async with serving(handler, "POST") as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n"
+        writer.write(head.encode() + b"x" * 10)  # most of the body never comes
+        answer = await asyncio.wait_for(reader.read(), 2)  # to the end of the stream
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"bye")

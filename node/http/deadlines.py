@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from common.config import Settings
+from node.ws.aiohttp_private import close_after_response
 
 log = logging.getLogger("fanout.node")
 
@@ -57,5 +58,5 @@ async def _timed_out(request: web.Request) -> web.StreamResponse:
     # reading what is left of the body for another lingering_time.
     await response.prepare(request)
     await response.write_eof()
-    request.protocol.force_close()
+    close_after_response(request)
     return response

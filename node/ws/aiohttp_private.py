@@ -15,6 +15,8 @@ frames sent behind the upgrade request). What it relies on:
 - `request.protocol` is aiohttp's `RequestHandler`: with its `transport` cleared, its
   `connection_lost(None)` lets go of the socket without closing it, and the request
   ends as if the client had left.
+- `RequestHandler.force_close()` closes the connection once the response in hand is
+  written, instead of keeping it alive or lingering to read the rest of a body.
 - Bytes the client sent after its upgrade request wait in the handler's
   `_message_tail`, unparsed, until `WebSocketResponse.prepare` hands them to aiohttp's
   own reader (`RequestHandler.set_parser`), which queues their messages on the
@@ -107,6 +109,12 @@ def queued_by_aiohttp(ws: web.WebSocketResponse) -> list[Any]:
     if queue is None:
         return []
     return [message for message, _ in queue._buffer]
+
+
+def close_after_response(request: web.Request) -> None:
+    """Close the request's connection once the response in hand is written: no keep-alive,
+    and no lingering to read what is left of an unread body."""
+    request.protocol.force_close()
 
 
 def release_request(request: web.Request) -> None:
