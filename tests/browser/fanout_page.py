@@ -50,8 +50,15 @@ async ({urls, deviceId, backoff}) => {
 class FanoutPage:
     """One device's page: its client (`window.fanout.client`) and its event log."""
 
-    def __init__(self, page: Page) -> None:
+    def __init__(self, page: Page, origin: str, setup: dict[str, Any]) -> None:
         self.page = page
+        self._origin = origin
+        self._setup = setup
+
+    async def load(self) -> None:
+        """(Re)load the page and start a new client: only localStorage is left of the last."""
+        await self.page.goto(f"{self._origin}/healthz")
+        await self.page.evaluate(SETUP, self._setup)
 
     async def log(self, name: str) -> Any:
         return await self.page.evaluate(f"window.fanout.log.{name}")
@@ -94,15 +101,13 @@ async def fanout_page(
     try:
         page = await context.new_page()
         await page.expose_function("mintToken", lambda: token(user_id, ttl=ttl))
-        await page.goto(f"{origin.url}/healthz")
-        await page.evaluate(
-            SETUP,
-            {
-                "urls": [node.url for node in nodes],
-                "deviceId": device_id,
-                "backoff": backoff or {"base": 0.1, "max": 1.0},
-            },
-        )
-        yield FanoutPage(page)
+        setup = {
+            "urls": [node.url for node in nodes],
+            "deviceId": device_id,
+            "backoff": backoff or {"base": 0.1, "max": 1.0},
+        }
+        loaded = FanoutPage(page, origin.url, setup)
+        await loaded.load()
+        yield loaded
     finally:
         await context.close()

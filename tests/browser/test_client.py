@@ -159,3 +159,57 @@ async def test_typing_and_presence_reach_the_other_pages(
         )
         assert offline["user_id"] == "dee"
         assert await e1.log("presence") == []  # presence is for the user's own devices
+
+
+async def test_a_reloaded_page_resumes_from_local_storage_and_pages_history(
+    cluster: Cluster, browser: Browser
+) -> None:
+    short_log = {"FANOUT_USER_LOG_MAXLEN": "6"}  # the user's delivery log keeps 6 seqs
+    node = await cluster.node("node-1", **short_log)
+    await cluster.worker(**short_log)
+    session_id = await create_session(node, "gil", ["hal"], agent="human")
+    sent: list[str] = []
+
+    async def hal_sends(count: int) -> None:
+        ids = [f"h{len(sent) + i:02d}" for i in range(count)]
+        await send_paced(hal, session_id, ids)
+        sent.extend(ids)
+
+    async with (
+        connect(node, "hal", "h1") as hal,
+        fanout_page(browser, node, "gil", "g1", [node]) as page,
+    ):
+        await page.wait_open()
+        await hal_sends(3)
+        await page.wait_for("log.messages.length === 3")
+        last = (await page.log("seqs"))[-1]
+        await page.call("client.close()")
+
+        # Two messages while the page is gone; the reloaded page's new client resumes
+        # from the seq it left in localStorage and gets exactly those two.
+        await hal_sends(2)
+        await page.load()
+        await page.wait_for("log.resumed.length === 1")
+        assert await page.log("resumed") == [
+            {"type": "resumed", "from": last + 1, "to": last + 2, "complete": True}
+        ]
+        assert [m["message"]["client_msg_id"] for m in await page.log("messages")] == sent[3:]
+        assert await page.log("seqs") == [last + 1, last + 2]
+        await page.call("client.close()")
+
+        # More missed than the log holds: `resumed.complete` is false, and the history
+        # pages (newest first) have every message.
+        await hal_sends(10)
+        await page.load()
+        await page.wait_for("log.resumed.length === 1")
+        resumed = (await page.log("resumed"))[0]
+        assert resumed["complete"] is False
+        pages = await page.call(
+            "(async () => { const pages = [];"
+            " for await (const p of client.historyPages(args[0], { limit: 4 }))"
+            " pages.push(p.items.map((m) => m.client_msg_id));"
+            " return pages; })()",
+            session_id,
+        )
+        assert [len(p) for p in pages] == [4, 4, 4, 3]
+        assert [msg_id for p in pages for msg_id in p] == sent[::-1]

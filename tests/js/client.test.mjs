@@ -251,3 +251,90 @@ test("client: refreshes the token with an auth frame before it expires", async (
   assert.equal(minted, 2);
   client.close();
 });
+
+test("client: a retryable refusal is sent again with the same id; the ack resolves it", async () => {
+  FakeSocket.made = [];
+  const client = new FanoutClient({
+    urls: ["http://n1"],
+    deviceId: "a1",
+    getToken: () => jwt({ sub: "di", exp: Date.now() / 1000 + 3600 }),
+    storage: new MemoryStorage(),
+    WebSocket: FakeSocket,
+  });
+  await client.connect();
+  const socket = FakeSocket.made[0];
+  socket.frame({ type: "welcome", node_id: "n1", last_seq: 0, heartbeat: 30 });
+  const sent = client.send("s1", "busy?");
+  const { id } = socket.sent.at(-1);
+  socket.frame({ type: "error", code: "RATE_LIMIT", message: "slow down", retry: true, id });
+  await until(() => socket.sent.filter((f) => f.id === id).length === 2); // within ~0.5 s
+  socket.frame({ type: "ack", id, session_id: "s1" });
+  assert.deepEqual(await sent, { id, session_id: "s1" });
+  client.close();
+});
+
+test("client: pings a silent node, then leaves it for another after two heartbeats", async () => {
+  FakeSocket.made = [];
+  const client = new FanoutClient({
+    urls: ["http://n1", "http://n2"],
+    deviceId: "a1",
+    getToken: () => jwt({ sub: "ed", exp: Date.now() / 1000 + 3600 }),
+    storage: new MemoryStorage(),
+    WebSocket: FakeSocket,
+    backoff: { base: 0.001, max: 0.002 },
+  });
+  await client.connect();
+  const first = FakeSocket.made[0];
+  first.frame({ type: "welcome", node_id: "n1", last_seq: 0, heartbeat: 0.05 });
+  await until(() => first.sent.some((f) => f.type === "ping"));
+  await until(() => FakeSocket.made.length === 2); // no pong: half-open, gone
+  assert.equal(first.readyState, 3);
+  assert.equal(FakeSocket.made[1].url.host, "n2");
+  client.close();
+});
+
+test("client: a node that answers keeps the socket", async () => {
+  FakeSocket.made = [];
+  const client = new FanoutClient({
+    urls: ["http://n1", "http://n2"],
+    deviceId: "a1",
+    getToken: () => jwt({ sub: "fi", exp: Date.now() / 1000 + 3600 }),
+    storage: new MemoryStorage(),
+    WebSocket: FakeSocket,
+  });
+  await client.connect();
+  const socket = FakeSocket.made[0];
+  socket.send = (text) => {
+    FakeSocket.prototype.send.call(socket, text);
+    if (JSON.parse(text).type === "ping") setTimeout(() => socket.frame({ type: "pong" }), 5);
+  };
+  socket.frame({ type: "welcome", node_id: "n1", last_seq: 0, heartbeat: 0.05 });
+  await new Promise((resolve) => setTimeout(resolve, 300)); // six heartbeats
+  assert.ok(socket.sent.filter((f) => f.type === "ping").length >= 2);
+  assert.equal(FakeSocket.made.length, 1);
+  assert.equal(client.state, "open");
+  client.close();
+});
+
+test("client: 1013 right after each welcome backs off longer each time", async () => {
+  FakeSocket.made = [];
+  const client = new FanoutClient({
+    urls: ["http://n1"],
+    deviceId: "a1",
+    getToken: () => jwt({ sub: "gu", exp: Date.now() / 1000 + 3600 }),
+    storage: new MemoryStorage(),
+    WebSocket: FakeSocket,
+    backoff: { base: 0.01, max: 1, random: () => 0 },
+  });
+  const delays = [];
+  client.on("state", ({ state, delay }) => { if (state === "reconnecting") delays.push(delay); });
+  await client.connect();
+  for (let i = 0; i < 3; i += 1) {
+    const socket = FakeSocket.made[i];
+    socket.frame({ type: "welcome", node_id: "n1", last_seq: 0, heartbeat: 30 });
+    socket.drop(1013, "slow consumer");
+    await until(() => FakeSocket.made.length === i + 2);
+  }
+  assert.deepEqual(delays, [0.005, 0.01, 0.02]);
+  client.close();
+});

@@ -18,6 +18,9 @@ export const SEND_ATTEMPTS = 5;
 // A refresh is asked for this share of the token's lifetime before it ends (capped).
 const REFRESH_SHARE = 1 / 3;
 const REFRESH_MAX_LEAD = 60;
+// A connection that lasted this long (ms) was a success: the back-off starts over. One
+// closed sooner (a 1013 right after the welcome) keeps growing it.
+const STABLE_MS = 10_000;
 
 /** An error answer of the node (WebSocket `error` frame or HTTP error body). */
 export class FanoutError extends Error {
@@ -263,6 +266,7 @@ export class FanoutClient {
     this.listeners = new Map();
     this.timers = { reconnect: null, refresh: null, silence: null, retry: new Set() };
     this.heardAt = 0;
+    this.openedAt = 0;
     this.stopped = false;
   }
 
@@ -389,6 +393,7 @@ export class FanoutClient {
       // Refused before the upgrade (a browser does not say why): maybe the token.
       if (!welcomed) this.token = null;
       const verdict = welcomed ? closeVerdict(event.code, event.reason) : "backoff";
+      if (welcomed && Date.now() - this.openedAt >= STABLE_MS) this.backoff.reset();
       this.emit("close", { code: event.code, reason: event.reason, url: this.url });
       if (this.stopped) return;
       if (verdict === "stop") {
@@ -483,7 +488,7 @@ export class FanoutClient {
     this.nodeId = frame.node_id;
     this.heartbeat = frame.heartbeat;
     if (this.seqs.welcome(frame.last_seq)) this.emit("reset", { last_seq: frame.last_seq });
-    this.backoff.reset();
+    this.openedAt = Date.now();
     this.setState("open", { url: this.url, nodeId: frame.node_id });
     this.watchSilence();
     this.scheduleRefresh(this.tokenExp);
