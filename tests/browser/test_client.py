@@ -9,10 +9,10 @@ import uuid
 from playwright.async_api import Browser
 
 from tests.browser.fanout_page import fanout_page
-from tests.harness import Client, Cluster, connect, create_session, is_type
+from tests.harness import Client, Cluster, connect, create_session
 
 SENDS = 40  # chats sent while one page's node is killed
-SEND_GAP = 0.05  # seconds between them
+SEND_GAP = 0.1  # seconds between them: well under FANOUT_RATE (20 frames/s)
 
 
 def message_seqs(messages: list[dict[str, object]], client_msg_id: str) -> list[object]:
@@ -64,17 +64,22 @@ async def test_two_devices_on_two_nodes_and_another_participant(
 
 
 async def send_paced(sender: Client, session_id: str, ids: list[str]) -> None:
-    """Chats one after another, each acked before the next; bounded by SENDS."""
+    """Chats one after another, each acked before the next, under the node's rate limit."""
     for msg_id in ids:
         await sender.chat(session_id, f"chat {msg_id}", msg_id)
-        await sender.until(is_type("ack", id=msg_id))
+        answer = await sender.until(lambda f, i=msg_id: f.get("id") == i)  # type: ignore[misc]
+        assert answer["type"] == "ack", answer
         await asyncio.sleep(SEND_GAP)
 
 
 async def test_a_killed_node_moves_the_page_without_gap_or_duplicate(
     cluster: Cluster, browser: Browser
 ) -> None:
-    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    # More chats to one user than the per-recipient burst (FANOUT_PEER_BURST, 30) allows.
+    steady = {"FANOUT_PEER_RATE": "50"}
+    node1, node2 = await asyncio.gather(
+        cluster.node("node-1", **steady), cluster.node("node-2", **steady)
+    )
     await cluster.worker()
     session_id = await create_session(node1, "ann", ["ben"], agent="human")
     ids = [f"m{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(SENDS)]
@@ -88,7 +93,7 @@ async def test_a_killed_node_moves_the_page_without_gap_or_duplicate(
             await page.wait_for("log.messages.length >= 8")
             node2.kill()  # SIGKILL while the messages keep coming
             await page.wait_open("node-1", timeout=20)
-            await sending
+            await asyncio.wait_for(sending, SENDS * 1.0)
         finally:
             sending.cancel()
         await page.wait_for(f"log.messages.length >= {SENDS}", timeout=20)
