@@ -240,3 +240,32 @@ async def test_keyed_delivery_keeps_its_seqs_however_a_retry_groups_its_users(
         assert [len(await bus.log_after(u, 0)) for u in pair] == [1, 2]
     finally:
         await client.aclose()
+
+
+async def test_worker_announcements_wake_workers_on_redis_cluster(
+    redis_cluster: str, settings: object
+) -> None:
+    from dataclasses import replace
+
+    from common.config import Settings
+    from common.transport.bus import connect_redis
+    from worker.leases import PartitionLeases
+
+    assert isinstance(settings, Settings)
+    on_cluster = replace(settings, redis_url=redis_cluster, redis_cluster=True)
+    client = await connect_redis(on_cluster)
+    try:
+        keys = Keys(on_cluster.namespace)
+        one, two = (
+            PartitionLeases(client, keys, worker_id=w, partitions=4, ttl=5) for w in ("w1", "w2")
+        )
+        after = await one.last_change()
+        waiting = asyncio.create_task(one.next_change(after, block=5))
+        await asyncio.sleep(0.2)
+        assert await two.live_workers() == 1  # w2 joins: it announces that
+        changed, newest = await asyncio.wait_for(waiting, 5)
+        assert changed and newest != after
+        await one.announce("released")  # its own announcement does not wake it
+        assert (await one.next_change(newest, block=0.2))[0] is False
+    finally:
+        await client.aclose()

@@ -133,7 +133,7 @@ class Worker:
     async def _watch(self, interval: float) -> None:
         """Rebalance at once when another worker joins, leaves or releases a partition."""
         after: bytes | None = None
-        backoff = retry_pacing()
+        backoff, failing = retry_pacing(), False
         while True:
             try:
                 if after is None:
@@ -143,10 +143,13 @@ class Worker:
                 raise
             except Exception as exc:
                 # Redis is down: the interval rebalance goes on; so does this, later.
-                log.debug("worker events: %r", exc)
+                if not failing:
+                    log.warning("waiting for worker events failed (retrying): %r", exc)
+                failing = True
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
+            failing = False
             if changed:
                 self._wake.set()
 
