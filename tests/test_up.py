@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import aiohttp
 import pytest
@@ -197,11 +198,20 @@ async def _printed_commands_work(banner: str, port: int, env: dict[str, str]) ->
         assert '"status":"pending"' in made.replace(" ", ""), made
     bob = _shell(_printed(banner, " token bob"), env).strip()
     admin = _printed(banner, "/dashboard#token=").split("#token=", 1)[1]
+    demo_page, demo_fragment = _printed(banner, "/demo#token=").split(" ")[-1].split("#", 1)
+    demo = parse_qs(demo_fragment)
+    assert len(demo["nodes"][0].split(",")) == 2, demo  # the page may move between them
     async with aiohttp.ClientSession() as http:
-        for token, path in ((bob, "/api/v1/sessions"), (admin, "/admin/stats")):
+        for token, path in (
+            (bob, "/api/v1/sessions"),
+            (admin, "/admin/stats"),
+            (demo["token"][0], "/api/v1/sessions"),
+        ):
             headers = {"Authorization": f"Bearer {token}"}
             async with http.get(f"{base}{path}", headers=headers) as resp:
                 assert resp.status == 200, (path, await resp.text())
+        async with http.get(demo_page) as resp:
+            assert resp.status == 200 and resp.content_type == "text/html"
     report = _shell(_printed(banner, " loadtest "), env, timeout=90)
     assert "2 node URL(s)" in report, report
 

@@ -299,10 +299,13 @@ def _banner(
             )
 
         cli = settings.cli_name
+        # The demo page moves between these when one goes (the client's `urls`).
+        every_node = ",".join(f"http://127.0.0.1:{c.port}" for c in nodes)
         # Where token and loadtest find this cluster: say so unless it is their default.
         here = "" if folder == devinfo.data_dir(None) else f" --data-dir {folder}"
         lines += [
             f"  dashboard  {first}/dashboard#token={token(ADMIN_USER, ['admin'])}",
+            f"  demo chat  {first}/demo#token={token(TOKEN_USER, [])}&nodes={every_node}",
             f"  token for {TOKEN_USER} (24 h), then a session, another user's token, some load:",
             f"    export TOKEN={token(TOKEN_USER, [])}",
             '    curl -X POST -H "Authorization: Bearer $TOKEN" '
