@@ -11,8 +11,10 @@ noise hits both alike) and the medians of each are printed side by side, with th
 ratio openai/echo. The fake (tests/fake_openai.py) runs in a thread of this process
 and answers exactly what echo answers ("You said: <content>", three words a chunk),
 so the two differ only in the generator: the HTTP request, the SSE parsing and the
-history query. With `--against DIR` (another revision's tree) a third variant runs
-that tree's workers with echo: what this tree's reply path costs echo itself.
+history query. `--webhooks` adds openai with webhooks on (a local receiver that
+answers 204 at once), the whole of target 6. With `--against DIR` (another revision's
+tree) a variant runs that tree's workers with echo: what this tree's reply path costs
+echo itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,25 +55,40 @@ DEFAULT_POSTGRES = "postgresql://127.0.0.1:5432/postgres"
 
 
 @contextmanager
-def fake_model() -> Iterator[str]:
-    """The fake server on its own event loop in a thread; yields its base URL."""
+def fake_model() -> Iterator[tuple[str, str]]:
+    """The fake model server and a webhook receiver that answers 204 at once, on their
+    own event loop in a thread; yields their URLs."""
     ready = threading.Event()
-    url: list[str] = []
+    urls: list[str] = []
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 
+    async def receive(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=204)
+
     async def serve() -> None:
-        async with FakeOpenAI(prefix="You said: ", words_per_chunk=3) as fake:
-            url.append(fake.url)
-            ready.set()
-            await stop.wait()
+        app = web.Application()
+        app.router.add_post("/hook", receive)
+        receiver = web.AppRunner(app, access_log=None)
+        await receiver.setup()
+        site = web.TCPSite(receiver, "127.0.0.1", 0)
+        await site.start()
+        try:
+            async with FakeOpenAI(prefix="You said: ", words_per_chunk=3) as fake:
+                port = receiver.addresses[0][1]
+                urls.extend([fake.url, f"http://127.0.0.1:{port}/hook"])
+                ready.set()
+                await stop.wait()
+        finally:
+            await receiver.cleanup()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
     if not ready.wait(10):
         raise RuntimeError("the fake model server did not start")
     try:
-        yield url[0]
+        yield urls[0], urls[1]
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
@@ -172,6 +190,11 @@ def main() -> None:
         help="another revision's tree (git archive main | tar -x -C DIR): its workers with"
         " echo as a third variant, to see what this tree's reply path costs echo",
     )
+    parser.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="add openai with webhooks on (to a local receiver answering at once)",
+    )
     parser.add_argument("--history", type=int, default=20, help="FANOUT_ASSISTANT_HISTORY")
     args = parser.parse_args()
     run_id = secrets.token_hex(4)
@@ -182,12 +205,13 @@ def main() -> None:
         "chat", args.rate, args.connections, args.duration, runs=1, processes=1, settle=5
     )
     spec = Spec("fanout", nodes=2)
-    names = ["echo", "openai"] + (["echo@tree"] if args.against else [])
+    names = ["echo", "openai"]
+    names += (["openai+hooks"] if args.webhooks else []) + (["echo@tree"] if args.against else [])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     started = time.monotonic()
     with (
         local_services(data, redis_url=DEFAULT_REDIS, database_url=DEFAULT_POSTGRES) as svc,
-        fake_model() as model_url,
+        fake_model() as (model_url, hook_url),
     ):
         server = svc.database_url.rsplit("/", 1)[0]
         database = f"fanout_bench_assistant_{run_id}"
@@ -212,6 +236,11 @@ def main() -> None:
                 "FANOUT_ASSISTANT_HISTORY": str(args.history),
             },
             "echo@tree": {**base, "FANOUT_ASSISTANT": "echo"},
+        }
+        variants["openai+hooks"] = {
+            **variants["openai"],
+            "FANOUT_WEBHOOK_URL": hook_url,
+            "FANOUT_WEBHOOK_SECRET": secrets.token_urlsafe(32),
         }
         try:
             for i in range(args.runs):
@@ -253,7 +282,9 @@ def main() -> None:
     print(
         f"chat @ {args.rate:.0f}/s, {args.connections} connections, {args.duration:.0f} s a run\n"
     )
-    print(f"{'':22}" + "".join(f"{n:>10}" for n in names) + f"{'openai/echo':>13}")
+    others = [n for n in names if n != "echo"]
+    ratio_names = "".join(f"{n + '/echo':>19}" for n in others)
+    print(f"{'':22}" + "".join(f"{n:>13}" for n in names) + ratio_names)
     for key, label in (
         ("ack_p50", "send->ack p50 ms"),
         ("ack_p99", "send->ack p99 ms"),
@@ -263,11 +294,13 @@ def main() -> None:
         ("nodes CPU ms/chat", "nodes CPU ms/chat"),
         ("fake model CPU ms/chat", "fake CPU ms/chat"),
     ):
-        ratio = summaries["openai"][key] / echo[key] if echo[key] else float("nan")
-        row = "".join(f"{summaries[n][key]:10.2f}" for n in names)
-        print(f"{label:22}{row}{ratio:13.2f}")
+        row = "".join(f"{summaries[n][key]:13.2f}" for n in names)
+        ratios = "".join(
+            f"{summaries[n][key] / echo[key] if echo[key] else float('nan'):19.2f}" for n in others
+        )
+        print(f"{label:22}{row}{ratios}")
     for key in ("sent", "replied", "lost"):
-        print(f"{key:22}" + "".join(f"{summaries[n][key]:10.0f}" for n in names))
+        print(f"{key:22}" + "".join(f"{summaries[n][key]:13.0f}" for n in names))
     if args.against:
         print(f"\necho@tree: the workers of {args.against} (nodes and load generator: this tree)")
 
