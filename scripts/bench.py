@@ -12,7 +12,10 @@ loadtest` (500 users x 2 devices, 64-byte payloads by default):
   and the baseline forwarder (scripts/baseline_forwarder.py) at the same node counts;
 - fanout and the baseline on 2 nodes at fixed 4,000 and 10,000 deliveries/s (latency);
 - idle: 10,000 connections on 2 nodes, node RSS per connection (from /proc);
-- chat on 2 nodes + 2 workers at a fixed rate (send -> ack, send -> reply on all devices).
+- chat on 2 nodes + 2 workers at a fixed rate (send -> ack, send -> reply on all devices);
+- `redis`: Redis CPU per delivery against a bare PUBLISH, the forwarder's cost
+  (scripts/bench_redis.py), and `handover`: reply latency while a worker joins and
+  one leaves under 500 chats/s (scripts/bench_handover.py), each printed after the tables.
 
 Node CPU comes from /proc/PID/stat over each measured window. Every figure is the
 median of `--runs` runs; ratios compare fanout with the baseline from the same run
@@ -62,7 +65,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="seconds (default 660)")
     parser.add_argument("--only", default=None, help="run specs whose name contains this")
     parser.add_argument(
-        "--kinds", default="max,rate,idle,chat", help="scenario kinds to run (comma-separated)"
+        "--kinds",
+        default="max,rate,idle,chat,redis,handover",
+        help="scenario kinds to run (comma-separated)",
     )
     parser.add_argument("--out", type=Path, default=None, help="raw reports (JSON)")
     args = parser.parse_args()
@@ -74,8 +79,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, FD_LIMIT)), hard))
 
     kinds = set(args.kinds.split(","))
-    if not kinds <= {"max", "rate", "idle", "chat"}:
-        parser.error("--kinds takes max, rate, idle and chat")
+    if not kinds <= {"max", "rate", "idle", "chat", *SIDE_BENCHES}:
+        parser.error("--kinds takes max, rate, idle, chat, redis and handover")
     specs = [
         replace(s, scenarios=tuple(c for c in s.scenarios if c.kind in kinds))
         for s in plan(args)
@@ -98,6 +103,11 @@ def main() -> None:
         }
         try:
             results = measure(specs, env, data / f"logs-{run_id}", started + budget)
+            side = [
+                side_bench(kind, args, svc.redis_url, server, started + budget)
+                for kind in SIDE_BENCHES
+                if kind in kinds and args.only is None
+            ]
         finally:
             clear_namespace(svc.redis_url, env["FANOUT_NAMESPACE"])
             asyncio.run(drop_database(f"{server}/postgres", f"fanout_bench_{run_id}"))
@@ -115,7 +125,34 @@ def main() -> None:
     print(f"\n{machine()}; {time.monotonic() - started:.0f} s; medians of up to {args.runs} runs.")
     print(f"Command: .venv/bin/python scripts/bench.py {' '.join(sys.argv[1:])}\n")
     print(tables(results))
+    for text in side:
+        print(f"\n{text}")
     print(f"\nRaw reports: {out_path}")
+
+
+# Benchmarks with clusters of their own, run after the tables' (their summary is printed).
+SIDE_BENCHES = {
+    "redis": ["scripts/bench_redis.py", "--duration", "4", "--no-key"],
+    "handover": ["scripts/bench_handover.py", "--rate", "500", "this=."],
+}
+
+
+def side_bench(
+    kind: str, args: argparse.Namespace, redis_url: str, postgres: str, deadline: float
+) -> str:
+    """One side benchmark's summary (its lines after the per-run ones)."""
+    if time.monotonic() > deadline:
+        return f"{kind}: skipped: over the time budget"
+    print(f"bench: {kind} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, *SIDE_BENCHES[kind], "--runs", str(args.runs)]
+    if kind == "handover":
+        cmd += ["--redis-url", redis_url, "--postgres", postgres]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=900, check=False)
+    out = done.stdout.decode()
+    if done.returncode != 0:
+        return f"{kind}: failed: {done.stderr.decode()[-300:]}"
+    summary = out.split("\n\n", 1)[-1].strip()
+    return f"{kind} (`{' '.join(cmd[1:])}`):\n{summary}"
 
 
 def measure(specs: list[Spec], env: dict[str, str], logs: Path, deadline: float) -> list[Result]:

@@ -11,7 +11,8 @@ partitions are shared three ways) and stops one of the first two with SIGTERM at
 partition that nobody consumes meanwhile shows as reply latency: the report is
 send -> reply on all devices, p50/p99/max, and lost chats. Trees alternate run by run,
 so a noisy neighbour hits both; prints every run, then medians and ranges. Uses Redis
-and Postgres at the default addresses, in a namespace and a database of its own.
+and Postgres at the default addresses (or `--redis-url`, `--postgres`), in a namespace
+and a database of its own.
 """
 
 from __future__ import annotations
@@ -121,13 +122,15 @@ def main() -> None:
     parser.add_argument("--join-at", type=float, default=6.0, help="s after the load starts")
     parser.add_argument("--leave-at", type=float, default=12.0, help="s after the load starts")
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-handover"))
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--postgres", default="postgresql://127.0.0.1:5432", help="server URL")
     args = parser.parse_args()
     trees = [tuple(t.split("=", 1)) for t in args.trees]
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)
     env = {
-        "FANOUT_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "FANOUT_DATABASE_URL": f"postgresql://127.0.0.1:5432/fanout_ho_{run_id}",
+        "FANOUT_REDIS_URL": args.redis_url,
+        "FANOUT_DATABASE_URL": f"{args.postgres}/fanout_ho_{run_id}",
         "FANOUT_NAMESPACE": f"ho{run_id}:",
         "FANOUT_JWT_SECRET": secrets.token_urlsafe(32),
         "FANOUT_DRAIN_TIMEOUT": "5",
