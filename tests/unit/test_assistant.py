@@ -93,6 +93,16 @@ async def test_a_stop_ends_the_attempt_and_closes_the_generator() -> None:
     assert closed.is_set(), "the generator (and its HTTP response) is closed"
 
 
+async def test_a_chunk_that_is_not_text_fails_the_attempt_and_nul_is_dropped() -> None:
+    async def odd() -> AsyncIterator[object]:
+        yield "a\x00b"
+        yield b"bytes"
+
+    attempt = await stream_reply(odd(), Published(), chunk_timeout=1, stop=Stop())  # type: ignore[arg-type]
+    assert attempt.text == "ab"
+    assert isinstance(attempt.error, TypeError)
+
+
 def test_sse_lines_and_chunks() -> None:
     assert _sse_data(b"data: [DONE]\r\n") == b"[DONE]"
     assert _sse_data(b": keep-alive\n") is None

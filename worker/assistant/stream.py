@@ -132,6 +132,10 @@ async def _pump(chunks: AsyncIterator[str], queue: asyncio.Queue[Item], gap: flo
                     chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
+            if not isinstance(chunk, str):
+                raise TypeError(f"a reply generator yielded {type(chunk).__name__}, not str")
+            # Postgres text cannot hold NUL: the stored reply must equal the deltas.
+            chunk = chunk.replace("\x00", "")
             if chunk:
                 await queue.put(chunk)
     except Exception as exc:  # a failed attempt, reported to the publishing side
