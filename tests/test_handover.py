@@ -21,6 +21,7 @@ from common.config import Settings
 from common.transport.keys import CONSUMER_GROUP, Keys
 from tests.harness import Cluster, connect, create_session, is_type, unique
 from worker.consumer import PartitionConsumer
+from worker.leases import PartitionLeases
 from worker.processor import ChatProcessor
 
 PARTITIONS = 8
@@ -110,3 +111,19 @@ async def test_a_stopped_consumer_leaves_its_pending_entries_claimable_at_once(
     # The next owner claims it now, not 60 s (FANOUT_CLAIM_IDLE) from now.
     reply = await redis.xautoclaim(stream, CONSUMER_GROUP, "new", 60_000, "0-0")
     assert [entry_id for entry_id, _ in reply[1]] == [entry]
+
+
+async def test_workers_racing_for_partitions_take_each_once(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    keys = Keys(settings.namespace)
+    racers = [
+        PartitionLeases(redis, keys, worker_id=w, partitions=PARTITIONS, ttl=10)
+        for w in ("r1", "r2", "r3")
+    ]
+    won = await asyncio.gather(*(r.acquire(PARTITIONS) for r in racers))
+    assert sum(len(w) for w in won) == PARTITIONS, won
+    assert set().union(*won) == set(range(PARTITIONS)), "every partition taken, none twice"
+    assert await _holders(redis, keys) == Counter(
+        {r.worker_id: len(w) for r, w in zip(racers, won, strict=True)}
+    )

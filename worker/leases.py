@@ -13,6 +13,7 @@ once, not one renewal interval (FANOUT_LEASE_TTL / 3) later.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -84,27 +85,43 @@ class PartitionLeases:
         return math.ceil(self._partitions / workers)
 
     async def renew(self) -> set[int]:
-        """Renew every owned lease; returns the partitions lost to expiry."""
+        """Renew every owned lease (all at once); returns the partitions lost to expiry."""
         started = time.monotonic()
-        lost = set()
-        for partition in sorted(self.owned):
-            if not await self._leases.hold(self._keys.partition_lease(partition)):
-                lost.add(partition)
+        owned = sorted(self.owned)
+        held = await asyncio.gather(
+            *(self._leases.hold(self._keys.partition_lease(p)) for p in owned)
+        )
+        lost = {p for p, ok in zip(owned, held, strict=True) if not ok}
         self.owned -= lost
         self.valid_until = started + self._ttl_ms / 1000
         return lost
 
     async def acquire(self, wanted: int) -> set[int]:
-        """Try to take free partitions until `wanted` are owned; returns the new ones."""
-        gained = set()
-        free = [p for p in range(self._partitions) if p not in self.owned]
-        random.shuffle(free)
-        for partition in free:
-            if len(self.owned) >= wanted:
+        """Try to take free partitions until `wanted` are owned; returns the new ones.
+
+        A round reads every lease at once to find the free ones, then holds as many
+        as are missing at once: a hand-over costs two round trips, not one per
+        partition. Another round follows only if another worker won some of them."""
+        gained: set[int] = set()
+        for _ in range(self._partitions):  # each round takes a partition or sees it taken
+            missing = wanted - len(self.owned)
+            if missing <= 0:
                 break
-            if await self._leases.hold(self._keys.partition_lease(partition)):
-                self.owned.add(partition)
-                gained.add(partition)
+            others = [p for p in range(self._partitions) if p not in self.owned]
+            holders = await asyncio.gather(
+                *(self._redis.get(self._keys.partition_lease(p)) for p in others)
+            )
+            free = [p for p, holder in zip(others, holders, strict=True) if holder is None]
+            if not free:
+                break
+            random.shuffle(free)
+            tried = free[:missing]
+            held = await asyncio.gather(
+                *(self._leases.hold(self._keys.partition_lease(p)) for p in tried)
+            )
+            won = {p for p, ok in zip(tried, held, strict=True) if ok}
+            self.owned |= won
+            gained |= won
         return gained
 
     async def release(self, partition: int) -> None:
