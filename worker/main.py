@@ -23,6 +23,7 @@ from common.transport.bus import Bus, connect_redis
 from common.transport.connection import RespConnection, command_connection
 from common.transport.keys import Keys
 from worker.assistant.base import ReplyGenerator
+from worker.assistant.context import RecentTurns
 from worker.assistant.echo import EchoAssistant
 from worker.assistant.loader import open_generator
 from worker.assistant.owed import OwedReplies
@@ -51,6 +52,7 @@ class Worker:
         store: Store,
         assistant: ReplyGenerator | None = None,
         commands: RespConnection | None = None,
+        context: RecentTurns | None = None,
     ) -> None:
         self.settings = settings
         keys = Keys(settings.namespace)
@@ -68,6 +70,7 @@ class Worker:
             writer=writer,
             owed=OwedReplies(redis, keys, commands),
             settings=settings,
+            context=context,
         )
         self.processor = ChatProcessor(store, bus, directory, self.replies, writer)
         self.sweeper = ExpirySweeper(
@@ -258,7 +261,7 @@ async def serve(settings: Settings) -> None:
                 webhooks=settings.webhook_url is not None,
             ) as store,
             command_connection(redis, cluster=settings.redis_cluster) as commands,
-            open_generator(settings, store) as assistant,
+            open_generator(settings, store) as (assistant, context),
         ):
             async with store.acquire() as conn:
                 missing = await missing_migrations(conn)
@@ -267,7 +270,7 @@ async def serve(settings: Settings) -> None:
                     f"the database lacks migration {', '.join(map(str, missing))}:"
                     " run `fanout migrate` first"
                 )
-            worker = Worker(settings, redis, store, assistant, commands=commands)
+            worker = Worker(settings, redis, store, assistant, commands=commands, context=context)
             stats = WorkerStats(worker, redis)
             stop = stop_event()
             runner: web.AppRunner | None = None

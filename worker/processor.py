@@ -53,6 +53,7 @@ class ChatProcessor:
             )
             return
         session, message = written.session, written.message
+        self.replies.seen(message)
         await self._bus.deliver(
             session.participants, message_body(message), delivery_key=f"m{message.id}"
         )

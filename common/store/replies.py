@@ -43,6 +43,18 @@ async def history(store: Store, session_id: str, *, through: int, limit: int) ->
     return [Turn(MODEL_ROLES[r["role"]], r["content"]) for r in reversed(rows)]
 
 
+async def recent(store: Store, session_id: str, limit: int) -> list[tuple[int, Turn]]:
+    """The newest `limit` conversation messages of a session as (id, turn), any order."""
+    rows = await store.fetch(
+        "SELECT id, role, content FROM messages WHERE session_id = $1"
+        " AND role = ANY($2::text[]) ORDER BY id DESC LIMIT $3",
+        uuid.UUID(session_id),
+        list(MODEL_ROLES),
+        limit,
+    )
+    return [(r["id"], Turn(MODEL_ROLES[r["role"]], r["content"])) for r in rows]
+
+
 async def reply_states(store: Store, session_ids: list[str]) -> dict[str, tuple[str, str]]:
     """(status, agent) of each session that still exists."""
     rows = await store.fetch(

@@ -14,25 +14,30 @@ from common.config import ConfigError, Settings
 from common.store import replies
 from common.store.postgres import Store
 from worker.assistant.base import ReplyGenerator
+from worker.assistant.context import RecentTurns
 from worker.assistant.echo import EchoAssistant
 from worker.assistant.openai import OpenAIAssistant
 
+Opened = tuple[ReplyGenerator, RecentTurns | None]
+
 
 @asynccontextmanager
-async def open_generator(settings: Settings, store: Store) -> AsyncIterator[ReplyGenerator]:
-    """The configured generator; what it holds (an HTTP client, a user's `aclose`) is
-    closed on exit."""
+async def open_generator(settings: Settings, store: Store) -> AsyncIterator[Opened]:
+    """The configured generator, and the in-memory context it reads (openai with history;
+    the worker feeds it). What the generator holds (an HTTP client, a user's `aclose`)
+    is closed on exit."""
     if settings.assistant == "echo":
-        yield EchoAssistant(delay=settings.echo_delay)
+        yield EchoAssistant(), None
     elif settings.assistant == "openai":
         assert settings.assistant_url is not None  # Settings.from_env checks both
         assert settings.assistant_model is not None
+        context = recent_turns(settings, store)
         # One connection pool per worker; the concurrency cap bounds its use.
         connector = aiohttp.TCPConnector(limit=settings.assistant_concurrency)
         async with aiohttp.ClientSession(connector=connector) as http:
-            yield OpenAIAssistant(
+            openai = OpenAIAssistant(
                 http,
-                partial(_history, store),
+                context.before if context is not None else partial(_history, store),
                 base_url=settings.assistant_url,
                 model=settings.assistant_model,
                 api_key=settings.assistant_api_key,
@@ -40,10 +45,11 @@ async def open_generator(settings: Settings, store: Store) -> AsyncIterator[Repl
                 history_size=settings.assistant_history,
                 timeout=settings.assistant_timeout,
             )
+            yield openai, context
     else:
         generator = load_callable(settings.assistant)
         try:
-            yield generator
+            yield generator, None
         finally:
             close = getattr(generator, "aclose", None)
             if close is not None:
@@ -66,5 +72,17 @@ def load_callable(reference: str) -> ReplyGenerator:
     return checked
 
 
-async def _history(store: Store, session_id: str, through: int, limit: int) -> list[replies.Turn]:
-    return await replies.history(store, session_id, through=through, limit=limit)
+def recent_turns(settings: Settings, store: Store) -> RecentTurns | None:
+    """The in-memory context of `openai` replies (none without history)."""
+    if settings.assistant_history == 0:
+        return None
+    return RecentTurns(
+        partial(replies.recent, store),
+        partial(_history, store),
+        size=settings.assistant_history,
+        partitions=settings.partitions,
+    )
+
+
+async def _history(store: Store, session_id: str, before: int, limit: int) -> list[replies.Turn]:
+    return await replies.history(store, session_id, through=before - 1, limit=limit)

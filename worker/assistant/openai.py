@@ -20,7 +20,7 @@ from common.store.postgres import MessageRecord, SessionRecord
 from common.store.replies import Turn
 from worker.assistant.base import GeneratorError
 
-# Loads the context: (session id, last message id, how many) -> turns, oldest first.
+# Loads the context: (session id, below this message id, how many) -> turns, oldest first.
 History = Callable[[str, int, int], Awaitable[list[Turn]]]
 
 _DONE = b"[DONE]"
@@ -56,7 +56,7 @@ class OpenAIAssistant:
     async def reply(self, session: SessionRecord, message: MessageRecord) -> AsyncIterator[str]:
         turns = [Turn("user", message.content)]  # the message answered is in hand
         if self._earlier:
-            turns = await self._history(session.id, message.id - 1, self._earlier) + turns
+            turns = await self._history(session.id, message.id, self._earlier) + turns
         body = {"model": self._model, "stream": True, "messages": self._messages(turns)}
         headers = self._request_headers()
         async with self._http.post(

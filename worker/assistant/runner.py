@@ -41,6 +41,7 @@ from common.store.postgres import MessageRecord, SessionRecord, Store
 from common.transport.bus import Bus
 from common.transport.keys import partition_of
 from worker.assistant.base import ReplyGenerator
+from worker.assistant.context import RecentTurns
 from worker.assistant.owed import OwedReplies, OwedReply
 from worker.assistant.stream import Attempt, Stop, stream_reply
 from worker.outage import retry_pacing
@@ -98,6 +99,7 @@ class ReplyRunner:
         writer: BatchWriter,
         owed: OwedReplies,
         settings: Settings,
+        context: RecentTurns | None = None,
     ) -> None:
         self._generator = generator
         self._store = store
@@ -105,6 +107,7 @@ class ReplyRunner:
         self._writer = writer
         self._owed = owed
         self._settings = settings
+        self._context = context
         self._slots = asyncio.Semaphore(settings.assistant_concurrency)
         self._admission = asyncio.Semaphore(settings.assistant_concurrency * QUEUED_PER_SLOT)
         self._jobs: dict[int, _Job] = {}  # by answered message id
@@ -164,6 +167,11 @@ class ReplyRunner:
                 job.task.cancel()
             raise
 
+    def seen(self, message: MessageRecord) -> None:
+        """A message was stored: the context of the session's next replies has it."""
+        if self._context is not None:
+            self._context.seen(message)
+
     async def resume(self, partition: int) -> None:
         """Make the replies a partition's previous owner left owed (it was taken over)."""
         found = await self._owed.all(partition)
@@ -174,6 +182,8 @@ class ReplyRunner:
 
     async def release(self, partition: int, grace: float) -> None:
         """A partition is given up: let its replies finish for `grace` s, cancel the rest."""
+        if self._context is not None:
+            self._context.forget_partition(partition)
         tasks = [j.task for j in self._jobs.values() if j.partition == partition and j.task]
         if not tasks:
             return
@@ -233,6 +243,7 @@ class ReplyRunner:
                 )
             reply = existing or await self._generate(job, session, message)
             if reply is not None:
+                self.seen(reply)
                 await self._persist(lambda: self._deliver(session, reply))
         if job.noted is not None:
             await job.noted  # settled after it was noted, never before (owe raised if failed)
