@@ -9,6 +9,8 @@ const TIMEOUT_MS = 4000;
 const WINDOW_MS = 10 * 60 * 1000;
 const GONE_KEEP_MS = 5 * 60 * 1000; // a vanished process stays listed (as gone) this long
 const MAX_EVENTS = 200;
+// Polls between readings of the webhook dead letters: a Postgres query, so not every second.
+const WEBHOOKS_EVERY = 5;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -18,6 +20,7 @@ const state = {
   known: { node: new Map(), worker: new Map() }, // id -> {record, seen, gone}
   unreachableSince: null,
   lastView: null,
+  polls: 0,
 };
 
 // -- formatting --------------------------------------------------------------------------
@@ -116,6 +119,7 @@ async function poll() {
   try {
     const view = await api("/admin/stats");
     reachable(view);
+    if (state.polls++ % WEBHOOKS_EVERY === 0) loadWebhooks();
   } catch (err) {
     if (err instanceof Denied) {
       sessionStorage.removeItem(TOKEN_KEY);
@@ -306,6 +310,33 @@ function renderQueue(queue) {
     bar.append(fill);
     item.append(bar);
     box.append(item);
+  }
+}
+
+// -- webhooks: the outbox backlog and the dead letters (/admin/webhooks/dead-letters) ---
+async function loadWebhooks() {
+  try {
+    renderWebhooks(await api("/admin/webhooks/dead-letters?limit=50"));
+  } catch (err) {
+    $("webhooks-summary").textContent = `(unavailable: ${err.message})`;
+  }
+}
+
+function renderWebhooks(view) {
+  const summary = $("webhooks-summary");
+  summary.textContent = view.enabled
+    ? `(${num(view.waiting)} waiting, oldest ${duration(view.oldest_age_s)}, ${num(view.total)} dead letters)`
+    : `(off: FANOUT_WEBHOOK_URL is not set; ${num(view.total)} dead letters)`;
+  summary.dataset.total = String(view.total);
+  const body = $("dead-letters").tBodies[0];
+  body.replaceChildren();
+  for (const d of view.items) {
+    const tr = el("tr");
+    tr.dataset.event = d.id;
+    const cells = [d.id, d.type, d.session_id, clock(d.created_at), clock(d.dead_at),
+      num(d.attempts), d.last_error || "–"];
+    for (const text of cells) tr.append(el("td", text));
+    body.append(tr);
   }
 }
 
