@@ -43,6 +43,8 @@ class Receiver:
     # Never answer (until the attempt times out on fanout's side) while set.
     hanging: bool = False
     attempts: list[Delivery] = field(default_factory=list)
+    # Requests held open right now by `hanging`.
+    hanging_now: int = 0
     _tries: Counter[str] = field(default_factory=Counter)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -70,7 +72,13 @@ class Receiver:
             tolerance=300,
         )
         if self.hanging:
-            await asyncio.Event().wait()  # until fanout gives up and the handler is cancelled
+            # Held until fanout gives up (it closes the connection) or hanging is turned off.
+            self.hanging_now += 1
+            try:
+                while self.hanging and not _gone(request):
+                    await asyncio.sleep(0.05)
+            finally:
+                self.hanging_now -= 1
         self._tries[event_id] += 1
         status = 200
         if self.failing or self._tries[event_id] <= self.fail_first:
@@ -93,6 +101,11 @@ class Receiver:
                     await self._arrived.wait()
             except TimeoutError:
                 pass
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 @asynccontextmanager
