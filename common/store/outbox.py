@@ -35,6 +35,12 @@ WHERE o.next_attempt_at <= now() AND NOT (o.session_id = ANY($1::uuid[]))
 ORDER BY o.next_attempt_at, o.id
 LIMIT $2
 """
+# Delivered: gone, and the session's next event in the same round trip (the DELETE's
+# snapshot still holds the row, so the next one is looked for above it).
+_DELIVERED_NEXT = """
+WITH gone AS (DELETE FROM webhook_outbox WHERE id = $1)
+SELECT * FROM webhook_outbox WHERE session_id = $2 AND id > $1 ORDER BY id LIMIT 1
+"""
 _RETRY = """
 UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $2,
     next_attempt_at = now() + $3::float8 * interval '1 second'
@@ -158,8 +164,10 @@ class Outbox:
         rows = await self._store.fetch(_DUE, [uuid.UUID(s) for s in busy], limit)
         return [_event(r) for r in rows]
 
-    async def delivered(self, event_id: int) -> None:
-        await self._store.execute("DELETE FROM webhook_outbox WHERE id = $1", event_id)
+    async def delivered(self, event: OutboxEvent) -> OutboxEvent | None:
+        """Remove a delivered event; the next event of its session, if one waits."""
+        row = await self._store.fetchrow(_DELIVERED_NEXT, event.id, uuid.UUID(event.session_id))
+        return _event(row) if row is not None else None
 
     async def retry_later(self, event_id: int, error: str, delay: float) -> None:
         await self._store.execute(_RETRY, event_id, error[:500], delay)

@@ -5,7 +5,8 @@ the Redis lease `lease:webhooks` delivers (a second one would race it for the sa
 session's events and break their order). The holder keeps up to
 FANOUT_WEBHOOK_CONCURRENCY deliveries in flight, one per session at most: the head of
 a session's queue goes out, and its next event only once the head is delivered or
-dead-lettered (common/store/outbox.py).
+dead-lettered (common/store/outbox.py); a delivered event's removal fetches the
+session's next one in the same round trip, and the task sends it straight away.
 
 A delivery is a 2xx within FANOUT_WEBHOOK_TIMEOUT; anything else is retried with
 capped exponential back-off (full jitter, common/backoff.py) until the event is
@@ -43,6 +44,10 @@ log = logging.getLogger("fanout.webhooks")
 ANSWER_READ = 4096
 # Seconds between readings of the oldest undelivered event's age (a metric).
 AGE_EVERY = 1.0
+# Events of one session sent back to back by one delivery task before its slot is
+# given back: a busy session goes on without a new outbox scan per event, and cannot
+# keep a slot from other sessions for long.
+CHAIN = 32
 
 
 @dataclass(slots=True)
@@ -143,19 +148,30 @@ class WebhookDispatcher:
         task.add_done_callback(done)
 
     async def _deliver(self, http: aiohttp.ClientSession, event: OutboxEvent) -> None:
+        """A session's events, from `event` on, while they go through (at most CHAIN)."""
+        for _ in range(CHAIN):
+            following = await self._deliver_one(http, event)
+            if following is None:
+                return
+            event = following
+
+    async def _deliver_one(
+        self, http: aiohttp.ClientSession, event: OutboxEvent
+    ) -> OutboxEvent | None:
+        """One event; the session's next one if this one was delivered and another waits."""
         error = await self._post(http, event)
         try:
             if error is None:
-                await self._outbox.delivered(event.id)
+                following = await self._outbox.delivered(event)
                 self.counts.sent += 1
-                return
+                return following
             self.counts.failed += 1
             age = time.time() - event.created_at.timestamp()
             if age >= self._settings.webhook_max_age:
                 await self._outbox.dead_letter(event.id, error)
                 self.counts.dead_lettered += 1
                 log.warning("webhook %d (%s) dead-lettered: %s", event.id, event.type, error)
-                return
+                return None  # the next event is due now: the next round takes it
             await self._outbox.retry_later(event.id, error, self._delay(event.attempts))
             self.counts.retried += 1
         except asyncio.CancelledError:
@@ -163,6 +179,7 @@ class WebhookDispatcher:
         except Exception as exc:
             # The outcome was not recorded: the event is still due, so it goes out again.
             log.warning("webhook %d: recording the outcome failed: %r", event.id, exc)
+        return None
 
     async def _post(self, http: aiohttp.ClientSession, event: OutboxEvent) -> str | None:
         """One attempt; None on a 2xx, else what went wrong."""
