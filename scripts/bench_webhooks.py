@@ -37,6 +37,7 @@ from bench_cluster import clear_namespace, drop_database, loadtest, running  # n
 from bench_plan import Scenario, Spec  # noqa: E402
 from bench_table import machine  # noqa: E402
 
+from common.loadtest.report import cpu_seconds  # noqa: E402
 from common.localcluster.embedded import local_services  # noqa: E402
 from common.store.schema import migrate_sync  # noqa: E402
 from tests.webhook_receiver import Receiver, receiving  # noqa: E402
@@ -91,6 +92,10 @@ def summary(reports: list[dict[str, Any]]) -> dict[str, float]:
         "sent": statistics.median(c["sent"] for c in chats),
         "replied": statistics.median(c["replied_on_all_devices"] for c in chats),
         "lost": max(r.get("lost", 0) for r in reports),
+        **{
+            f"{group} CPU ms/chat": statistics.median(r["cpu_ms_per_chat"][group] for r in reports)
+            for group in ("workers", "nodes", "receiver")
+        },
         "webhooks answered": statistics.median(r["webhooks"]["answered"] for r in reports),
         "webhooks waiting": statistics.median(r["webhooks"]["hanging"] for r in reports),
     }
@@ -142,7 +147,21 @@ def main() -> None:
                     asyncio.run(empty_outbox(f"{server}/{database}"))
                     with running(spec, variants[name], logs) as cluster:
                         wait_for_leases(svc.redis_url, base["FANOUT_NAMESPACE"])
+                        groups = {
+                            "workers": [w.pid for w in cluster.workers],
+                            "nodes": cluster.pids,
+                        }
+                        before = {g: sum(map(cpu_seconds, ps)) for g, ps in groups.items()}
+                        receiver_before = time.process_time()  # this process: the receiver
                         report = loadtest(cluster, scenario, variants[name])
+                        sent = max(1, report["chat"]["sent"])
+                        report["cpu_ms_per_chat"] = {
+                            g: 1000 * (sum(map(cpu_seconds, ps)) - before[g]) / sent
+                            for g, ps in groups.items()
+                        }
+                        report["cpu_ms_per_chat"]["receiver"] = (
+                            1000 * (time.process_time() - receiver_before) / sent
+                        )
                         # Counted before the cluster stops (hanging ones end with it).
                         report["webhooks"] = {
                             "answered": len(rx.attempts) - answered_before,
@@ -175,6 +194,9 @@ def main() -> None:
         ("ack_p99", "send->ack p99 ms"),
         ("reply_p50", "reply p50 ms"),
         ("reply_p99", "reply p99 ms"),
+        ("workers CPU ms/chat", "workers CPU ms/chat"),
+        ("nodes CPU ms/chat", "nodes CPU ms/chat"),
+        ("receiver CPU ms/chat", "receiver CPU ms/chat"),
     ):
         row = "".join(f"{summaries[n][key]:10.2f}" for n in NAMES)
         ratios = "".join(

@@ -76,9 +76,11 @@ class Receiver:
             self.hanging_now += 1
             try:
                 while self.hanging and not _gone(request):
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # a rare wake-up: the benchmark shares its CPU
             finally:
                 self.hanging_now -= 1
+            if _gone(request):
+                return web.Response(status=503)  # nobody reads it; not an attempt that counts
         self._tries[event_id] += 1
         status = 200
         if self.failing or self._tries[event_id] <= self.fail_first:
