@@ -338,3 +338,29 @@ test("client: 1013 right after each welcome backs off longer each time", async (
   assert.deepEqual(delays, [0.005, 0.01, 0.02]);
   client.close();
 });
+
+test("client: a getToken that gives the same token again does not spin", async () => {
+  FakeSocket.made = [];
+  const fixed = jwt({ sub: "hu", iat: Date.now() / 1000, exp: Date.now() / 1000 + 0.09 });
+  let asked = 0;
+  const client = new FanoutClient({
+    urls: ["http://n1"],
+    deviceId: "a1",
+    getToken: () => {
+      asked += 1;
+      return fixed;
+    },
+    storage: new MemoryStorage(),
+    WebSocket: FakeSocket,
+  });
+  const errors = [];
+  client.on("error", (error) => errors.push(error.code));
+  await client.connect();
+  const socket = FakeSocket.made[0];
+  socket.frame({ type: "welcome", node_id: "n1", last_seq: 0, heartbeat: 30 });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(asked, 2); // at connect, and once before expiry; the next ask is 5 s later
+  assert.deepEqual(errors, ["STALE_TOKEN"]);
+  assert.equal(socket.sent.filter((f) => f.type === "auth").length, 0);
+  client.close();
+});

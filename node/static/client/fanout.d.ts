@@ -279,7 +279,8 @@ export class FanoutClient {
 
 export class FanoutError extends Error {
   constructor(code: string, message: string, options?: { retry?: boolean; status?: number });
-  /** The node's error code (BAD_REQUEST, FORBIDDEN, ...) or CLOSED, OUTBOX_FULL, DUPLICATE_ID. */
+  /** The node's error code (BAD_REQUEST, FORBIDDEN, ...), or the client's: CLOSED, OUTBOX_FULL,
+   * DUPLICATE_ID, BAD_TOKEN (getToken gave no JWT), STALE_TOKEN (no token expiring later). */
   readonly code: string;
   readonly retry: boolean;
   /** The HTTP status, for an HTTP helper's error (0 otherwise). */

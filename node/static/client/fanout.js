@@ -21,6 +21,8 @@ const REFRESH_MAX_LEAD = 60;
 // A connection that lasted this long (ms) was a success: the back-off starts over. One
 // closed sooner (a 1013 right after the welcome) keeps growing it.
 const STABLE_MS = 10_000;
+// Seconds before getToken() is asked again when it failed or gave no fresher token.
+const STALE_RETRY = 5;
 
 /** An error answer of the node (WebSocket `error` frame or HTTP error body). */
 export class FanoutError extends Error {
@@ -524,13 +526,19 @@ export class FanoutClient {
 
   async refresh() {
     const ws = this.ws;
+    const before = this.tokenExp;
     let token;
     try {
       token = await this.currentToken(true);
+      if (this.tokenExp <= before) {
+        // The same token again (a page with one fixed token): sending it would change
+        // nothing, and asking at once again would spin. Ask less often until it runs out.
+        throw new FanoutError("STALE_TOKEN", "getToken() gave no token expiring later");
+      }
     } catch (error) {
       this.emit("error", error instanceof FanoutError ? error : new FanoutError("BAD_TOKEN", String(error)));
       // Try again soon; if the token runs out first, the node closes 1008 and we reconnect.
-      this.scheduleRefresh(this.tokenExp, 1);
+      this.scheduleRefresh(this.tokenExp, STALE_RETRY);
       return;
     }
     if (this.ws === ws) this.sendFrame({ type: "auth", token });
