@@ -25,11 +25,13 @@ function el(tag, text, cls) {
   return node;
 }
 
+// One device per tab (kept across its reloads): two tabs with one id would replace each
+// other's socket (1008 "replaced"). The client keeps each device's last_seq in localStorage.
 function deviceId() {
-  let id = localStorage.getItem(DEVICE_KEY);
+  let id = sessionStorage.getItem(DEVICE_KEY);
   if (!id) {
     id = `web-${crypto.randomUUID().slice(0, 8)}`;
-    localStorage.setItem(DEVICE_KEY, id);
+    sessionStorage.setItem(DEVICE_KEY, id);
   }
   return id;
 }
