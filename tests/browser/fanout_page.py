@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from playwright.async_api import Browser, Page
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from tests.harness import Proc, token
 
@@ -74,7 +75,17 @@ class FanoutPage:
             "() => { const client = window.fanout.client, log = window.fanout.log; "
             f"return {condition}; }}"
         )
-        handle = await self.page.wait_for_function(script, timeout=timeout * 1000, polling=50)
+        try:
+            handle = await self.page.wait_for_function(script, timeout=timeout * 1000, polling=50)
+        except PlaywrightTimeout:
+            seen = await self.page.evaluate(
+                "({states: window.fanout.log.states, closes: window.fanout.log.closes,"
+                " errors: window.fanout.log.errors, nodes: window.fanout.log.welcomes"
+                ".map((w) => w.node_id)})"
+            )
+            raise AssertionError(
+                f"not within {timeout}s: {condition}; the page saw {seen}"
+            ) from None
         return await handle.json_value()
 
     async def wait_open(self, node_id: str | None = None, timeout: float = 15) -> None:

@@ -6,10 +6,11 @@ import asyncio
 import time
 import uuid
 
+import aiohttp
 from playwright.async_api import Browser
 
 from tests.browser.fanout_page import fanout_page
-from tests.harness import Client, Cluster, connect, create_session
+from tests.harness import Client, Cluster, connect, create_session, token
 
 SENDS = 40  # chats sent while one page's node is killed
 SEND_GAP = 0.1  # seconds between them: well under FANOUT_RATE (20 frames/s)
@@ -218,3 +219,32 @@ async def test_a_reloaded_page_resumes_from_local_storage_and_pages_history(
         )
         assert [len(p) for p in pages] == [4, 4, 4, 3]
         assert [msg_id for p in pages for msg_id in p] == sent[::-1]
+
+
+async def test_a_draining_node_moves_the_page_at_once_and_a_kick_stops_it(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    # A back-off this long would outlast the test: only the 1001 path reconnects in time.
+    slow = {"base": 30.0, "max": 30.0}
+    async with fanout_page(browser, node1, "ivy", "i1", [node2, node1], backoff=slow) as page:
+        await page.wait_open("node-2")
+        node2.terminate()  # SIGTERM: the node drains, closing sockets with 1001
+        await page.wait_open("node-1")
+        assert [c["code"] for c in await page.log("closes")] == [1001]
+
+        # An admin kicks the user (1008): the page stops and says so, and stays closed.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{node1.url}/admin/users/ivy/disconnect",
+                headers={"Authorization": f"Bearer {token('root', roles=['admin'])}"},
+            ) as resp,
+        ):
+            assert resp.status == 200
+        await page.wait_for("client.state === 'closed'")
+        closes = await page.log("closes")
+        assert [c["code"] for c in closes] == [1001, 1008]
+        await asyncio.sleep(1.0)  # time enough for a reconnect it must not make
+        assert len(await page.log("welcomes")) == 2
+        assert await page.call("client.state") == "closed"
