@@ -27,7 +27,7 @@ async def open_generator(settings: Settings, store: Store) -> AsyncIterator[Open
     the worker feeds it). What the generator holds (an HTTP client, a user's `aclose`)
     is closed on exit."""
     if settings.assistant == "echo":
-        yield EchoAssistant(), None
+        yield EchoAssistant(delay=settings.echo_delay), None
     elif settings.assistant == "openai":
         assert settings.assistant_url is not None  # Settings.from_env checks both
         assert settings.assistant_model is not None
