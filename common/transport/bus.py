@@ -112,6 +112,8 @@ class Bus:
         self._publish = "SPUBLISH" if settings.redis_cluster else "PUBLISH"
         self._deliver = redis.register_script(_DELIVER)
         self._cluster = settings.redis_cluster
+        if self._cluster:
+            slot_tags()  # built now (~0.2 s, once per process), not in the first delivery
         # With `commands` (nodes and workers), every delivery, delta and enqueue of the
         # process shares one pipelined connection (common/transport/connection.py);
         # without, each call is a redis-py pipeline of its own.
