@@ -307,3 +307,27 @@ async def _wait_for_async(read: Any, expected: Any, timeout: float = 10) -> None
     while (value := await read()) != expected:
         assert time.monotonic() < deadline, f"still {value!r}"
         await asyncio.sleep(0.05)
+
+
+async def test_a_drained_worker_leaves_a_stalled_reply_to_the_next(
+    cluster: Cluster, database_url: str, fake: FakeOpenAI
+) -> None:
+    node = await cluster.node()
+    first = await cluster.worker(**openai_env(fake))
+    session_id = await create_session(node, "yan")
+    async with connect(node, "yan", "phone") as yan:
+        await yan.chat(session_id, "stall through the drain")
+        await _wait_for(lambda: fake.stalled == 1)
+        started = time.monotonic()
+        assert first.terminate() == 0  # SIGTERM: the reply gets its grace, then is left
+        assert time.monotonic() - started < 10
+        fake.release.set()
+        await cluster.worker(**openai_env(fake))
+        reply = await yan.until(
+            lambda f: f["type"] == "message" and f["message"]["role"] == "assistant",
+            timeout=20,
+        )
+    assert reply["message"]["content"] == "ThinkingEcho: stall through the drain"
+    assert len(fake.requests) == 2, "the drained worker's attempt, then the next owner's"
+    rows = await messages_in_db(database_url, session_id)
+    assert [r["role"] for r in rows] == ["user", "assistant"]
