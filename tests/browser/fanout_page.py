@@ -98,26 +98,27 @@ class FanoutPage:
 @asynccontextmanager
 async def fanout_page(
     browser: Browser,
-    origin: Proc,
+    origin: Proc | str,
     user_id: str,
     device_id: str,
-    nodes: Sequence[Proc],
+    nodes: Sequence[Proc | str],
     *,
     ttl: float = 3600,
     backoff: dict[str, float] | None = None,
 ) -> AsyncIterator[FanoutPage]:
-    """A page on `origin` (its own context: its own localStorage) whose client connects to
-    `nodes` in order, with tokens of `user_id` living `ttl` seconds."""
+    """A page on `origin` (a node, or the base URL of one) in a context of its own (its own
+    localStorage), whose client connects to `nodes` (or URLs) in order, with tokens of
+    `user_id` living `ttl` seconds."""
     context = await browser.new_context()
     try:
         page = await context.new_page()
         await page.expose_function("mintToken", lambda: token(user_id, ttl=ttl))
         setup = {
-            "urls": [node.url for node in nodes],
+            "urls": [node if isinstance(node, str) else node.url for node in nodes],
             "deviceId": device_id,
             "backoff": backoff or {"base": 0.1, "max": 1.0},
         }
-        loaded = FanoutPage(page, origin.url, setup)
+        loaded = FanoutPage(page, origin if isinstance(origin, str) else origin.url, setup)
         await loaded.load()
         yield loaded
     finally:

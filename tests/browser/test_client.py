@@ -10,7 +10,7 @@ import aiohttp
 from playwright.async_api import Browser
 
 from tests.browser.fanout_page import fanout_page
-from tests.harness import Client, Cluster, connect, create_session, token
+from tests.harness import Client, Cluster, connect, create_session, free_port, token
 
 SENDS = 40  # chats sent while one page's node is killed
 SEND_GAP = 0.1  # seconds between them: well under FANOUT_RATE (20 frames/s)
@@ -248,3 +248,51 @@ async def test_a_draining_node_moves_the_page_at_once_and_a_kick_stops_it(
         await asyncio.sleep(1.0)  # time enough for a reconnect it must not make
         assert len(await page.log("welcomes")) == 2
         assert await page.call("client.state") == "closed"
+
+
+HTTP_TOUR = """(async () => {
+  const made = await client.createSession({ participants: ["kit"], agent: "human" });
+  const got = await client.getSession(made.id);
+  const listed = await client.listSessions({ limit: 10 });
+  const running = await client.updateSession(made.id, { status: "running" });
+  const added = await client.addParticipant(made.id, "lou");
+  await client.removeParticipant(made.id, "lou");
+  const history = await client.history(made.id, { limit: 5 });
+  let missing = null;
+  try { await client.getSession("00000000-0000-0000-0000-000000000000"); }
+  catch (error) { missing = { code: error.code, status: error.status }; }
+  await client.deleteSession(made.id);
+  let deleted = null;
+  try { await client.getSession(made.id); } catch (error) { deleted = error.status; }
+  return {
+    made, got, listed: listed.items.map((s) => s.id), running: running.status,
+    added: added.participants, history, missing, deleted,
+  };
+})()"""
+
+
+async def test_http_helpers_from_another_origin_past_a_dead_node(
+    cluster: Cluster, browser: Browser
+) -> None:
+    node1 = await cluster.node("node-1")
+    # node-2 allows only pages from node-1's origin (CORS, SPEC §6).
+    node2 = await cluster.node("node-2", FANOUT_ALLOWED_ORIGINS=node1.url)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: calls go on to node-2
+    async with fanout_page(browser, node1, "jo", "j1", [dead, node2]) as page:
+        tour = await page.call(HTTP_TOUR)
+        made = tour["made"]
+        assert made["owner"] == "jo" and made["participants"] == ["jo", "kit"]
+        assert tour["got"] == made
+        assert made["id"] in tour["listed"]
+        assert tour["running"] == "running"
+        assert sorted(tour["added"]) == ["jo", "kit", "lou"]
+        assert tour["history"] == {"items": [], "next": None}
+        assert tour["missing"] == {"code": "NOT_FOUND", "status": 404}
+        assert tour["deleted"] == 404
+        await page.wait_open("node-2")  # the socket, too, went on past the dead URL
+
+    # The same calls from an origin node-2 does not allow are blocked by the browser.
+    other_origin = node1.url.replace("127.0.0.1", "localhost")
+    async with fanout_page(browser, other_origin, "jo", "j2", [node2]) as page:
+        refused = await page.call("client.listSessions().then(() => null, (error) => error.code)")
+        assert refused == "UNAVAILABLE"  # no node answered in a way the page may read

@@ -230,7 +230,7 @@ export interface SessionChanges {
 export interface Presence {
   user_id: string;
   online: boolean;
-  devices: { device_id: string; [key: string]: unknown }[];
+  devices: { device_id: string; connection_id: string; node_id: string }[];
 }
 
 export class FanoutClient {
