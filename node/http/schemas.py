@@ -16,7 +16,6 @@ from common.store.lifecycle import SETTABLE, STATUSES
 from common.transport.stats import HISTORY_SECONDS
 
 # Limits of the API: documented here and enforced by the handlers.
-MAX_PARTICIPANTS = 100
 MAX_TTL = 30 * 86400
 PAGE_DEFAULT = 50
 PAGE_MAX = 200
