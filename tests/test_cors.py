@@ -68,10 +68,11 @@ async def test_cors_for_an_allowed_origin_and_none_for_others(cluster: Cluster) 
         ) as resp:
             assert "Access-Control-Allow-Origin" not in resp.headers
 
-        # Not a browser (no Origin): nothing to grant.
+        # Not a browser (no Origin): nothing to grant, but a cache must tell them apart.
         async with http.get(f"{node.url}/api/v1/sessions", headers=auth) as resp:
             assert resp.status == 200
             assert "Access-Control-Allow-Origin" not in resp.headers
+            assert resp.headers["Vary"] == "Origin"
 
 
 async def test_any_origin_when_none_is_configured(cluster: Cluster) -> None:

@@ -32,42 +32,46 @@ def allowed_origin(allowed: tuple[str, ...] | None, origin: str) -> str | None:
 
 @web.middleware
 async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == "/ws":
+        return await handler(request)  # checks Origin itself (403 before the upgrade)
+    allowed = request.app[STATE].settings.allowed_origins
     origin = request.headers.get(hdrs.ORIGIN)
-    if origin is None or request.path == "/ws":
-        # Not a cross-origin browser request; /ws checks Origin itself (403 before the upgrade).
-        return await handler(request)
-    grant = allowed_origin(request.app[STATE].settings.allowed_origins, origin)
+    grant = None if origin is None else allowed_origin(allowed, origin)
+    # With a list, the answer depends on the Origin (with it or without, allowed or not):
+    # a cache must not hand one origin's answer to another.
+    varies = allowed is not None
     if (
-        request.method == hdrs.METH_OPTIONS
+        origin is not None
+        and request.method == hdrs.METH_OPTIONS
         and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
     ):
-        return _preflight(grant)
+        return _preflight(grant, varies)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        _grant(exc.headers, grant)
+        _grant(exc.headers, grant, varies)
         raise
-    _grant(response.headers, grant)
+    _grant(response.headers, grant, varies)
     return response
 
 
-def _preflight(grant: str | None) -> web.Response:
+def _preflight(grant: str | None, varies: bool) -> web.Response:
     if grant is None:
-        return web.json_response(
+        refused = web.json_response(
             {"error": {"code": "FORBIDDEN", "message": "origin not allowed"}}, status=403
         )
+        _grant(refused.headers, None, varies)
+        return refused
     response = web.Response(status=204)
-    _grant(response.headers, grant)
+    _grant(response.headers, grant, varies)
     response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ALLOW_METHODS
     response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ALLOW_HEADERS
     response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = MAX_AGE
     return response
 
 
-def _grant(headers: CIMultiDict[str], grant: str | None) -> None:
-    if grant is None:
-        return  # the browser keeps the answer from the page
-    headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = grant
-    if grant != "*":
-        # The answer depends on the Origin: caches must not hand it to another one.
+def _grant(headers: CIMultiDict[str], grant: str | None, varies: bool) -> None:
+    if varies:
         headers.add(hdrs.VARY, hdrs.ORIGIN)
+    if grant is not None:  # else the browser keeps the answer from the page
+        headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = grant
