@@ -179,6 +179,34 @@ async def test_a_receiver_that_was_down_gets_every_event(cluster: Cluster) -> No
     assert await _metric(worker.url, "fanout_webhooks_oldest_age_seconds") >= 0
 
 
+async def test_a_hanging_receiver_holds_only_its_delivery_slots(cluster: Cluster) -> None:
+    async with receiving(HOOK_SECRET) as rx:
+        rx.hanging = True  # no answer within the minute-long timeout
+        hooks = _hooks(rx.url, FANOUT_WEBHOOK_TIMEOUT="60", FANOUT_WEBHOOK_CONCURRENCY="2")
+        node = await cluster.node(**hooks)
+        await cluster.worker(**hooks)
+        sessions = [await create_session(node, f"h{k}") for k in range(4)]
+        clients = [await _open(node, f"h{k}") for k in range(4)]
+        try:
+            # Every chat of every session is answered while both delivery slots hang
+            # (a delivery on the chat path would hold each reply for the minute).
+            for round_ in range(3):
+                for client, session_id in zip(clients, sessions, strict=True):
+                    await client.chat(session_id, f"r{round_}", f"r{round_}")
+                for client in clients:
+                    await client.until(is_type("message", message__content=f"You said: r{round_}"))
+            await rx.wait_for(lambda r: r.hanging_now == 2)
+            _, backlog = await call(
+                node, "GET", "/admin/webhooks/dead-letters", "root", roles=["admin"]
+            )
+            assert rx.hanging_now == 2  # bounded by FANOUT_WEBHOOK_CONCURRENCY
+            assert backlog["waiting"] >= 4 * 7 - 2  # 4 × (6 messages + the start), 2 in flight
+        finally:
+            rx.hanging = False
+            for client in clients:
+                await client.close()
+
+
 async def test_a_killed_worker_loses_no_acked_chats_event(
     cluster: Cluster, redis: aioredis.Redis, namespace: str
 ) -> None:
