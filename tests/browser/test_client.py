@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 
@@ -10,7 +11,15 @@ import aiohttp
 from playwright.async_api import Browser
 
 from tests.browser.fanout_page import fanout_page
-from tests.harness import Client, Cluster, connect, create_session, free_port, token
+from tests.harness import (
+    Client,
+    Cluster,
+    connect,
+    create_session,
+    free_port,
+    messages_in_db,
+    token,
+)
 
 SENDS = 40  # chats sent while one page's node is killed
 SEND_GAP = 0.1  # seconds between them: well under FANOUT_RATE (20 frames/s)
@@ -296,3 +305,28 @@ async def test_http_helpers_from_another_origin_past_a_dead_node(
     async with fanout_page(browser, other_origin, "jo", "j2", [node2]) as page:
         refused = await page.call("client.listSessions().then(() => null, (error) => error.code)")
         assert refused == "UNAVAILABLE"  # no node answered in a way the page may read
+
+
+async def test_a_send_the_dead_node_never_acked_is_sent_again_and_stored_once(
+    cluster: Cluster, browser: Browser, database_url: str
+) -> None:
+    node1, node2 = await asyncio.gather(cluster.node("node-1"), cluster.node("node-2"))
+    await cluster.worker()
+    session_id = await create_session(node1, "kai", agent="human")
+    async with fanout_page(browser, node1, "kai", "k1", [node2, node1]) as page:
+        await page.wait_open("node-2")
+        node2.popen.send_signal(signal.SIGSTOP)  # it reads nothing from now on
+        await page.call("(window.pending = client.send(args[0], 'across'), null)", session_id)
+        await asyncio.sleep(0.3)
+        node2.kill()
+        # Resolved by node-1's ack of the retry, or refused here after 15 s.
+        acked = await page.call(
+            "Promise.race([window.pending, new Promise((_, no) =>"
+            " setTimeout(() => no(new Error('no ack within 15 s')), 15000))])"
+        )
+        await page.wait_open("node-1")
+        await page.wait_for("log.messages.length >= 1")
+        await asyncio.sleep(0.5)  # time for a second copy, if one were made
+        assert [m["message"]["client_msg_id"] for m in await page.log("messages")] == [acked["id"]]
+    stored = await messages_in_db(database_url, session_id)
+    assert [row["client_msg_id"] for row in stored] == [acked["id"]]
