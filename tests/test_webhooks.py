@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import orjson
 import redis.asyncio as aioredis
 
 from common.store.outbox import Outbox
@@ -300,14 +301,26 @@ async def test_events_are_written_in_the_commit_of_their_change(
         await changes.add_participant(session.id, "cleo", role="user", cap=10)  # no change
         events = await outbox.due(set(), 10)
         assert [e.type for e in events] == ["message.created"]  # the head of the session
-        rows = await store.fetch("SELECT type FROM webhook_outbox ORDER BY id")
-        assert [r["type"] for r in rows] == ["message.created", "session.updated"]
+        # An existing participant made an agent changes the participants; the
+        # sweeper's expiry is a status change like any other.
+        await changes.add_participant(session.id, "bert", role="agent", cap=10)
+        await store.execute(
+            "UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1", key
+        )
+        assert await changes.expire_overdue(10) == [session.id]
+        rows = await store.fetch("SELECT type, payload FROM webhook_outbox ORDER BY id")
+        assert [(r["type"], orjson.loads(r["payload"]).get("changes")) for r in rows] == [
+            ("message.created", None),
+            ("session.updated", ["participants"]),
+            ("session.updated", ["participants"]),
+            ("session.updated", ["status"]),
+        ]
     # A process without webhooks writes none.
     async with Store.open(database_url) as store:
         await store.create_session(owner="olga", participants=[], agent="ai", ttl=60, metadata={})
         await store.execute("DELETE FROM sessions WHERE id = $1", key)
         rows = await store.fetch("SELECT type FROM webhook_outbox ORDER BY id")
-        assert [r["type"] for r in rows] == ["message.created", "session.updated"]
+        assert len(rows) == 4
 
 
 class _NoBus:
