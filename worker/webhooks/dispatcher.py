@@ -48,6 +48,8 @@ AGE_EVERY = 1.0
 # given back: a busy session goes on without a new outbox scan per event, and cannot
 # keep a slot from other sessions for long.
 CHAIN = 32
+# Longest pause between dispatch rounds while Postgres or Redis fails them.
+OUTAGE_PAUSE = 5.0
 
 
 @dataclass(slots=True)
@@ -102,7 +104,12 @@ class WebhookDispatcher:
 
     async def _loop(self, http: aiohttp.ClientSession) -> None:
         renew_at = age_at = 0.0
+        poll = self._settings.webhook_poll
+        # While Postgres or Redis is down the rounds space out (one warning each), up to
+        # OUTAGE_PAUSE apart, instead of failing every poll interval.
+        outage = Backoff(first=poll, cap=max(poll, OUTAGE_PAUSE))
         while True:
+            pause = poll
             # Cleared before reading the outbox: a delivery that ends after the read
             # wakes the next round instead of waiting out the poll interval.
             self._wake.clear()
@@ -119,13 +126,15 @@ class WebhookDispatcher:
                     if now >= age_at:
                         age_at = now + AGE_EVERY
                         self.counts.oldest_age = await self._outbox.oldest_age()
+                outage.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Postgres or Redis down: try again next round; events wait in the outbox.
-                log.warning("webhook dispatch round failed: %r", exc)
+                # Events wait in the outbox meanwhile; none is lost.
+                pause = poll + outage.next_delay()
+                log.warning("webhook dispatch round failed (next in %.1f s): %r", pause, exc)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.webhook_poll):
+                async with asyncio.timeout(pause):
                     await self._wake.wait()
 
     async def _hold(self) -> None:
