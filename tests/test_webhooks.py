@@ -185,7 +185,7 @@ async def test_a_hanging_receiver_holds_only_its_delivery_slots(cluster: Cluster
         rx.hanging = True  # no answer within the minute-long timeout
         hooks = _hooks(rx.url, FANOUT_WEBHOOK_TIMEOUT="60", FANOUT_WEBHOOK_CONCURRENCY="2")
         node = await cluster.node(**hooks)
-        await cluster.worker(**hooks)
+        worker = await cluster.worker(**hooks)
         sessions = [await create_session(node, f"h{k}") for k in range(4)]
         clients = [await _open(node, f"h{k}") for k in range(4)]
         try:
@@ -202,6 +202,10 @@ async def test_a_hanging_receiver_holds_only_its_delivery_slots(cluster: Cluster
             )
             assert rx.hanging_now == 2  # bounded by FANOUT_WEBHOOK_CONCURRENCY
             assert backlog["waiting"] >= 4 * 7 - 2  # 4 × (6 messages + the start), 2 in flight
+            # SIGTERM with both deliveries hanging: they are cancelled (left in the outbox
+            # for the next holder) and the worker exits cleanly within its drain time.
+            assert await asyncio.to_thread(worker.terminate, 15) == 0
+            assert "Traceback" not in worker.log()
         finally:
             rx.hanging = False
             for client in clients:
