@@ -17,10 +17,8 @@ Uses Redis and Postgres at the default addresses, in a namespace and database of
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,8 +31,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_cluster import _listening as listening  # noqa: E402
-from bench_cluster import clear_namespace, drop_database, free_port  # noqa: E402
+from bench_cluster import free_port, spawn, stop_process_groups, wait_listening  # noqa: E402
+from bench_trees import alternate, parse_trees, scratch_database, scratch_env  # noqa: E402
 
 NODES = 2
 
@@ -45,22 +43,10 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
     try:
         for i in range(NODES):
             port = free_port()
-            with (logs / f"{tag}-node{i}.log").open("ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "common.cli", "node", "--port", str(port)],
-                    env={**os.environ, **env, "FANOUT_NODE_ID": f"{tag}-{i}"},
-                    cwd=tree,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            nodes.append((proc, port))
-        deadline = time.monotonic() + 30
-        for proc, port in nodes:
-            while not listening(port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{tag}: a node did not start (logs in {logs})")
-                time.sleep(0.1)
+            command = ["-m", "common.cli", "node", "--port", str(port)]
+            node_env = {**env, "FANOUT_NODE_ID": f"{tag}-{i}"}
+            nodes.append((spawn(command, node_env, logs / f"{tag}-node{i}.log", cwd=tree), port))
+        wait_listening(nodes, f"{tag}: a node did not start (logs in {logs})", timeout=30)
         time.sleep(1.0)  # the start-up settles before the RSS baseline is read
         cmd = [sys.executable, "-m", "common.cli", "loadtest", "--json", "--quiet"]
         cmd += ["--mode", args.mode, "--connections", str(args.connections)]
@@ -80,15 +66,7 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
         report: dict[str, Any] = orjson.loads(done.stdout)
         return report
     finally:
-        for proc, _ in nodes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _ in nodes:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups((proc for proc, _ in nodes), timeout=30)
 
 
 def main() -> None:
@@ -107,54 +85,34 @@ def main() -> None:
     )
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-ab"))
     args = parser.parse_args()
-    trees = [tuple(t.split("=", 1)) for t in args.trees]
+    trees = parse_trees(args.trees)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)
-    env = {
-        "FANOUT_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "FANOUT_DATABASE_URL": f"postgresql://127.0.0.1:5432/fanout_ab_{run_id}",
-        "FANOUT_NAMESPACE": f"ab{run_id}:",
-        "FANOUT_JWT_SECRET": secrets.token_urlsafe(32),
-        "FANOUT_DRAIN_TIMEOUT": "3",
-        "PYTHONUNBUFFERED": "1",
-    }
-    subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    env = scratch_env("ab", run_id, drain_timeout=3)
     kib: dict[str, list[float]] = {name: [] for name, _ in trees}
     per_cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
     rates: dict[str, list[float]] = {name: [] for name, _ in trees}
     redis_us: dict[str, list[float]] = {name: [] for name, _ in trees}
-    try:
-        for run in range(args.runs):
-            for name, tree in trees:
-                report = run_once(tree, env, args, f"{name}{run}-{run_id}")
-                servers = report.get("servers") or {}
-                kib[name].append(servers.get("rss_per_connection_kib") or 0.0)
-                per_cpu[name].append(servers.get("deliveries_per_cpu_s") or 0.0)
-                rate = report.get("deliveries_per_s") or 0.0
-                rates[name].append(rate)
-                # Redis CPU per delivery (the load test reads Redis' INFO over its window).
-                cores = (report.get("loadtest") or {}).get("redis_cpu_cores") or 0.0
-                redis_us[name].append(cores / rate * 1e6 if rate else 0.0)
-                print(
-                    f"run {run} {name}: made {report['connections'].get('made')}, "
-                    f"connect {report['connections'].get('connect_ms')}, "
-                    f"{kib[name][-1]} KiB RSS per connection, "
-                    f"{report.get('deliveries_per_s', 0):,.0f} deliveries/s, "
-                    f"{per_cpu[name][-1]:,.0f} per node CPU-s, Redis "
-                    f"{redis_us[name][-1]:.2f} µs per delivery, lost {report.get('lost')}",
-                    flush=True,
-                )
-                clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
-    finally:
-        clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
-        server = env["FANOUT_DATABASE_URL"].rsplit("/", 1)[0]
-        asyncio.run(drop_database(f"{server}/postgres", f"fanout_ab_{run_id}"))
+    with scratch_database(env):
+        for run, name, tree in alternate(trees, args.runs, env):
+            report = run_once(tree, env, args, f"{name}{run}-{run_id}")
+            servers = report.get("servers") or {}
+            kib[name].append(servers.get("rss_per_connection_kib") or 0.0)
+            per_cpu[name].append(servers.get("deliveries_per_cpu_s") or 0.0)
+            rate = report.get("deliveries_per_s") or 0.0
+            rates[name].append(rate)
+            # Redis CPU per delivery (the load test reads Redis' INFO over its window).
+            cores = (report.get("loadtest") or {}).get("redis_cpu_cores") or 0.0
+            redis_us[name].append(cores / rate * 1e6 if rate else 0.0)
+            print(
+                f"run {run} {name}: made {report['connections'].get('made')}, "
+                f"connect {report['connections'].get('connect_ms')}, "
+                f"{kib[name][-1]} KiB RSS per connection, "
+                f"{report.get('deliveries_per_s', 0):,.0f} deliveries/s, "
+                f"{per_cpu[name][-1]:,.0f} per node CPU-s, Redis "
+                f"{redis_us[name][-1]:.2f} µs per delivery, lost {report.get('lost')}",
+                flush=True,
+            )
     for name, _ in trees:
         print(
             f"{name}: RSS per connection {kib[name]} KiB, median {statistics.median(kib[name])}; "

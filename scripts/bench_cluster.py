@@ -1,5 +1,7 @@
-"""scripts/bench.py's processes: a cluster of nodes (fanout or baseline) and workers, one
-`fanout loadtest` run against it, and the clean-up of a run's Redis keys and database."""
+"""The benchmark scripts' processes: a cluster of nodes (fanout or baseline) and workers, one
+`fanout loadtest` run against it, and the clean-up of a run's Redis keys and database; and the
+pieces of those other scripts start their own processes with (spawn, wait_listening,
+stop_process_groups)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -34,24 +36,68 @@ def free_port() -> int:
         return port
 
 
-class Cluster:
-    """Nodes (fanout or baseline) and workers of one spec; stopped on exit."""
+def spawn(
+    args: list[str], env: dict[str, str], log_path: Path, cwd: Path | str = ROOT
+) -> subprocess.Popen[bytes]:
+    """`python ARGS` in a process group of its own (stop_process_groups ends it), `env` over
+    this process' environment, its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
 
-    def __init__(self, spec: Spec, env: dict[str, str], logs: Path) -> None:
-        self.spec, self.env, self.logs = spec, env, logs
+
+def wait_listening(
+    nodes: Iterable[tuple[subprocess.Popen[bytes], int]], failure: str, timeout: float
+) -> None:
+    """Until every node listens on its port; RuntimeError(failure) when one exits first or
+    `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    for proc, port in nodes:
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(failure)
+            time.sleep(0.1)
+
+
+def stop_process_groups(procs: Iterable[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM to each process group still running; SIGKILL to any not gone `timeout` s later."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Cluster:
+    """Nodes (fanout or baseline) and workers of one spec; stopped on exit. With
+    `worker_tree`, the workers run that tree's code (its directory as their cwd)."""
+
+    def __init__(
+        self, spec: Spec, env: dict[str, str], logs: Path, worker_tree: Path | None = None
+    ) -> None:
+        self.spec, self.env, self.logs, self.worker_tree = spec, env, logs, worker_tree
         self.nodes: list[tuple[subprocess.Popen[bytes], int]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, args: list[str], extra: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, *args],
-                env={**os.environ, **self.env, **extra, "FANOUT_NODE_ID": name},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
+        env = {**self.env, **extra, "FANOUT_NODE_ID": name}
+        if self.worker_tree is not None and name.startswith("worker"):
+            return spawn(args, env, self.logs / f"{name}-tree.log", cwd=self.worker_tree)
+        return spawn(args, env, self.logs / f"{name}.log")
 
     def start(self) -> None:
         spec = self.spec
@@ -67,14 +113,8 @@ class Cluster:
             for j in range(2):
                 args = ["-m", "common.cli", "worker", "--port", str(free_port())]
                 self.workers.append(self._spawn(f"worker-{j + 1}", args, {}))
-        deadline = time.monotonic() + READY_TIMEOUT
-        for proc, port in self.nodes:
-            while not _listening(port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{self.spec.name}: a node did not start (logs: {self.logs})"
-                    )
-                time.sleep(0.1)
+        failure = f"{self.spec.name}: a node did not start (logs: {self.logs})"
+        wait_listening(self.nodes, failure, READY_TIMEOUT)
         time.sleep(0.5)  # workers take their partition leases meanwhile
 
     @property
@@ -86,19 +126,7 @@ class Cluster:
         return [proc.pid for proc, _ in self.nodes]
 
     def stop(self) -> None:
-        procs = [p for p, _ in self.nodes] + self.workers
-        for proc in procs:
-            if proc.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        for proc in procs:
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            if proc.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups([p for p, _ in self.nodes] + self.workers, timeout=8)
 
 
 def _listening(port: int) -> bool:
@@ -108,8 +136,10 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
-def running(spec: Spec, env: dict[str, str], logs: Path) -> Iterator[Cluster]:
-    cluster = Cluster(spec, env, logs)
+def running(
+    spec: Spec, env: dict[str, str], logs: Path, worker_tree: Path | None = None
+) -> Iterator[Cluster]:
+    cluster = Cluster(spec, env, logs, worker_tree)
     try:
         cluster.start()
         yield cluster

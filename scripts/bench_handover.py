@@ -18,7 +18,6 @@ and a database of its own.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import signal
@@ -34,7 +33,15 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_cluster import _listening, clear_namespace, drop_database, free_port  # noqa: E402
+from bench_cluster import free_port, spawn, stop_process_groups, wait_listening  # noqa: E402
+from bench_trees import (  # noqa: E402
+    DEFAULT_POSTGRES,
+    DEFAULT_REDIS,
+    alternate,
+    parse_trees,
+    scratch_database,
+    scratch_env,
+)
 
 
 class Processes:
@@ -45,15 +52,12 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{self.tag}-{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", *args],
-                env={**os.environ, **self.env, "FANOUT_NODE_ID": f"{self.tag}-{name}"},
-                cwd=self.tree,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = spawn(
+            ["-m", "common.cli", *args],
+            {**self.env, "FANOUT_NODE_ID": f"{self.tag}-{name}"},
+            self.logs / f"{self.tag}-{name}.log",
+            cwd=self.tree,
+        )
         self.procs.append(proc)
         return proc
 
@@ -64,15 +68,7 @@ class Processes:
         return self
 
     def __exit__(self, *_: object) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups(self.procs, timeout=30)
 
 
 def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -80,11 +76,8 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
         port = free_port()
         node = procs.spawn("node", ["node", "--port", str(port)])
         first = [procs.worker("worker1"), procs.worker("worker2")]
-        deadline = time.monotonic() + 30
-        while not _listening(port):
-            if node.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{tag}: the node did not start (logs in {args.logs})")
-            time.sleep(0.1)
+        failure = f"{tag}: the node did not start (logs in {args.logs})"
+        wait_listening([(node, port)], failure, timeout=30)
         time.sleep(args.warmup)  # the two workers share the partitions out
         cmd = [sys.executable, "-m", "common.cli", "loadtest", "--json", "--quiet"]
         cmd += ["--mode", "chat", "--connections", str(args.connections)]
@@ -122,48 +115,30 @@ def main() -> None:
     parser.add_argument("--join-at", type=float, default=6.0, help="s after the load starts")
     parser.add_argument("--leave-at", type=float, default=12.0, help="s after the load starts")
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-handover"))
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--postgres", default="postgresql://127.0.0.1:5432", help="server URL")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS)
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server URL")
     args = parser.parse_args()
-    trees = [tuple(t.split("=", 1)) for t in args.trees]
+    trees = parse_trees(args.trees)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)
-    env = {
-        "FANOUT_REDIS_URL": args.redis_url,
-        "FANOUT_DATABASE_URL": f"{args.postgres}/fanout_ho_{run_id}",
-        "FANOUT_NAMESPACE": f"ho{run_id}:",
-        "FANOUT_JWT_SECRET": secrets.token_urlsafe(32),
-        "FANOUT_DRAIN_TIMEOUT": "5",
-        "PYTHONUNBUFFERED": "1",
-    }
-    subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+    env = scratch_env(
+        "ho", run_id, drain_timeout=5, redis_url=args.redis_url, postgres=args.postgres
     )
     replies: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
-    try:
-        for run in range(args.runs):
-            for name, tree in trees:
-                report = run_once(tree, env, args, f"{name}{run}-{run_id}")
-                chat = report.get("chat") or {}
-                reply = chat.get("reply_ms") or {}
-                ack = chat.get("ack_ms") or {}
-                replies[name].append(reply)
-                print(
-                    f"run {run} {name}: {chat.get('sent')} sent, "
-                    f"{chat.get('replied_per_s', 0):,.0f}/s completed; reply p50 "
-                    f"{reply.get('p50')} p99 {reply.get('p99')} max {reply.get('max')} ms; "
-                    f"ack p99 {ack.get('p99')} ms; lost {report.get('lost')}",
-                    flush=True,
-                )
-                clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
-    finally:
-        clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
-        server = env["FANOUT_DATABASE_URL"].rsplit("/", 1)[0]
-        asyncio.run(drop_database(f"{server}/postgres", f"fanout_ho_{run_id}"))
+    with scratch_database(env):
+        for run, name, tree in alternate(trees, args.runs, env):
+            report = run_once(tree, env, args, f"{name}{run}-{run_id}")
+            chat = report.get("chat") or {}
+            reply = chat.get("reply_ms") or {}
+            ack = chat.get("ack_ms") or {}
+            replies[name].append(reply)
+            print(
+                f"run {run} {name}: {chat.get('sent')} sent, "
+                f"{chat.get('replied_per_s', 0):,.0f}/s completed; reply p50 "
+                f"{reply.get('p50')} p99 {reply.get('p99')} max {reply.get('max')} ms; "
+                f"ack p99 {ack.get('p99')} ms; lost {report.get('lost')}",
+                flush=True,
+            )
     print(
         f"\n{os.cpu_count()} CPUs, shared machine; chat at {args.rate:,.0f}/s, "
         f"{args.connections} connections, a worker joins at {args.join_at} s and one leaves "

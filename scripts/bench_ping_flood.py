@@ -33,27 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_cluster import free_port, spawn  # noqa: E402
+from bench_trees import alternate, parse_trees, scratch_database, scratch_env  # noqa: E402
+
 from common.auth import mint_token  # noqa: E402
 from common.wsframe import OP_PING, frame_header, mask  # noqa: E402
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-POSTGRES = "postgresql://127.0.0.1:5432"
 PING_EVERY = 1 / 15
 PAYLOAD = b"x" * 125
 BATCH = 256  # frames per write
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rss(pid: int) -> int:
@@ -142,15 +134,8 @@ async def _observe(port: int, secret: str, seconds: float, pid: int) -> dict[str
 def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str) -> dict[str, Any]:
     port = free_port()
     log_path = Path(args.logs) / f"{tag}.log"
-    with log_path.open("ab") as log:
-        node = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "node", "--port", str(port)],
-            env={**os.environ, **env, "FANOUT_NODE_ID": tag},
-            cwd=tree,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = ["-m", "common.cli", "node", "--port", str(port)]
+    node = spawn(command, {**env, "FANOUT_NODE_ID": tag}, log_path, cwd=tree)
     try:
         _wait_ready(node, port, log_path)
         time.sleep(1.0)  # the start-up settles before the RSS baseline is read
@@ -190,24 +175,6 @@ def _wait_ready(node: subprocess.Popen[bytes], port: int, log_path: Path) -> Non
     raise RuntimeError(f"the node did not get ready; see {log_path}")
 
 
-def _clear(namespace: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
-    finally:
-        client.close()
-
-
-async def _drop_database(name: str) -> None:
-    conn = await asyncpg.connect(f"{POSTGRES}/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,42 +185,23 @@ def main() -> None:
     parser.add_argument("--flooders", type=int, default=10)
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-ping-flood"))
     args = parser.parse_args()
-    trees = [tuple(t.split("=", 1)) for t in args.trees]
+    trees = parse_trees(args.trees)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)
-    database = f"fanout_pf_{run_id}"
-    env = {
-        "FANOUT_REDIS_URL": REDIS_URL,
-        "FANOUT_DATABASE_URL": f"{POSTGRES}/{database}",
-        "FANOUT_NAMESPACE": f"pf{run_id}:",
-        "FANOUT_JWT_SECRET": secrets.token_urlsafe(32),
-        "FANOUT_DRAIN_TIMEOUT": "3",
-    }
-    subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    env = scratch_env("pf", run_id, drain_timeout=3, unbuffered=False)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
-    try:
-        for run in range(args.runs):
-            for name, tree in trees:
-                got = run_once(tree, env, args, f"{name}{run}-{run_id}")
-                results[name].append(got)
-                print(
-                    f"run {run} {name}: observer ping->pong p50 {got['p50_ms']:.1f} ms, "
-                    f"p99 {got['p99_ms']:.1f} ms, max {got['max_ms']:.1f} ms "
-                    f"({got['samples']} samples); node RSS +{got['rss_growth_mib']:.1f} MiB; "
-                    f"flooders wrote {got.get('bytes', 0) / 2**20:.0f} MiB (kernel buffers "
-                    f"included) over {got.get('connections', 0)} connections",
-                    flush=True,
-                )
-                _clear(env["FANOUT_NAMESPACE"])
-    finally:
-        _clear(env["FANOUT_NAMESPACE"])
-        asyncio.run(_drop_database(database))
+    with scratch_database(env):
+        for run, name, tree in alternate(trees, args.runs, env):
+            got = run_once(tree, env, args, f"{name}{run}-{run_id}")
+            results[name].append(got)
+            print(
+                f"run {run} {name}: observer ping->pong p50 {got['p50_ms']:.1f} ms, "
+                f"p99 {got['p99_ms']:.1f} ms, max {got['max_ms']:.1f} ms "
+                f"({got['samples']} samples); node RSS +{got['rss_growth_mib']:.1f} MiB; "
+                f"flooders wrote {got.get('bytes', 0) / 2**20:.0f} MiB (kernel buffers "
+                f"included) over {got.get('connections', 0)} connections",
+                flush=True,
+            )
     print(f"medians of {args.runs} runs, {args.flooders} flooders, {args.seconds:g} s each:")
     for name, _ in trees:
         runs = results[name]

@@ -34,18 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from bench_cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"x" * 64
 TICK = 0.002
 MAX_CALLS_IN_FLIGHT = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Drain(asyncio.Protocol):
