@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from common.store.batch import ReplyWrite
+from common.store.batch import TOUCH_SLACK, ReplyWrite
 from common.store.postgres import Store
 from common.transport.entries import ChatEntry
 from worker.writer import BatchWriter
@@ -144,3 +144,47 @@ async def test_a_paused_session_stores_extends_and_takes_no_reply(database_url: 
         assert (paused.before.status, paused.session.status) == ("paused", "paused")
         assert paused.session.version == paused.before.version, "no status change"
         assert paused.session.expires_at > paused.before.expires_at, "activity extends the TTL"
+
+
+async def expiry_and_row_version(store: Store, session_id: str) -> tuple[float, int]:
+    """Seconds from now to the session's expiry, and its row version (xmin)."""
+    row = await store.fetchrow(
+        "SELECT extract(epoch FROM expires_at - now())::float8 AS left_s, xmin::text::bigint"
+        " AS xmin FROM sessions WHERE id = $1",
+        uuid.UUID(session_id),
+    )
+    assert row is not None
+    return row["left_s"], row["xmin"]
+
+
+@pytest.mark.parametrize("behind", [TOUCH_SLACK / 2, TOUCH_SLACK * 2])
+async def test_activity_rewrites_a_session_only_when_its_expiry_lags_past_the_slack(
+    database_url: str, behind: float
+) -> None:
+    # ttl 60: the slack is 1% of it (0.6 s) when that is below TOUCH_SLACK.
+    slack = min(TOUCH_SLACK, 60 / 100)
+    async with Store.open(database_url) as store:
+        session_id = await new_session(store)
+        writer = BatchWriter(store)
+        first = await writer.chat(chat(session_id, 1))
+        assert first is not None and first.session.status == "running"
+        lag = behind / TOUCH_SLACK * slack  # half the slack, or twice it
+        await store.execute(
+            "UPDATE sessions SET expires_at = now() + (ttl - $2::float8) * interval '1 second'"
+            " WHERE id = $1",
+            uuid.UUID(session_id),
+            lag,
+        )
+        _, before = await expiry_and_row_version(store, session_id)
+        second = await writer.chat(chat(session_id, 2))
+        assert second is not None and second.created and second.reply_id is not None
+        left, after = await expiry_and_row_version(store, session_id)
+        if lag < slack:
+            assert after == before, "an expiry within the slack: the row is not rewritten"
+            assert second.session == second.before
+            assert 60 - slack <= left < 60
+        else:
+            assert after != before, "past the slack: the TTL starts again"
+            assert second.session.expires_at > second.before.expires_at
+            assert left > 60 - slack
+            assert second.session.last_activity_at > second.before.last_activity_at

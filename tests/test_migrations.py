@@ -50,13 +50,16 @@ async def test_a_fresh_database_gets_every_migration_once(fresh_url: str) -> Non
     assert await applied_versions(fresh_url) == LATEST
     conn = await asyncpg.connect(fresh_url)
     try:
-        config = await conn.fetchval(
-            "SELECT proconfig FROM pg_proc WHERE proname = 'fanout_write_batch_v1'"
+        configs = await conn.fetch(
+            "SELECT proname, proconfig FROM pg_proc WHERE proname LIKE 'fanout_write_batch_v%'"
         )
     finally:
         await conn.close()
     # Without it Postgres re-plans the function's statements on every call.
-    assert config == ["plan_cache_mode=force_generic_plan"]
+    assert {r["proname"]: r["proconfig"] for r in configs} == {
+        name: ["plan_cache_mode=force_generic_plan"]
+        for name in ("fanout_write_batch_v1", "fanout_write_batch_v2")
+    }
 
 
 async def test_an_old_database_is_upgraded_and_keeps_its_messages(
@@ -112,5 +115,5 @@ async def test_a_worker_on_an_old_schema_stops_with_one_line(
     worker = await cluster.worker(ready=False, FANOUT_DATABASE_URL=fresh_url)
     code = await asyncio.to_thread(worker.popen.wait, 30)
     assert code == 2
-    assert "lacks migration 3, 4: run `fanout migrate` first" in worker.log()
+    assert "lacks migration 3, 4, 5: run `fanout migrate` first" in worker.log()
     assert "Traceback" not in worker.log()

@@ -5,14 +5,15 @@ transaction costs about eight round trips and a WAL flush per message, and a sha
 transaction of separate statements still cost five (BEGIN, lock, insert, activity,
 COMMIT): on this 2-vCPU VM each round trip is tens of µs of CPU in system calls, on
 both ends. `write_batch` takes whatever entries are ready together and writes them
-with one call of `fanout_write_batch_v1` (common/store/schema.py, migration 3), in
+with one call of `fanout_write_batch_v2` (common/store/schema.py, migration 5), in
 autocommit: the call is its own transaction, and one round trip however many entries.
 
 Inside, in order, each statement with a fresh snapshot: lock the chats' sessions in
 id order (PATCH transitions serialise with it); take two ids per chat; insert every
 chat and reply once per (session, sender, client id); read the rows stored before
 (a retry gets its first row); extend the TTL of the open sessions that got a message
-and start the pending ones. It returns the facts; this module applies the rules of
+(unless their expiry is already within TOUCH_SLACK of a fresh one) and start the pending
+ones. It returns the facts; this module applies the rules of
 common/store/lifecycle.py to them (who takes an assistant reply), so the SQL holds no copy
 of them.
 """
@@ -31,11 +32,15 @@ from common.store.postgres import MessageRecord, SessionRecord, message_from_row
 from common.transport.entries import ChatEntry
 
 _WRITE = """
-SELECT * FROM fanout_write_batch_v1(
+SELECT * FROM fanout_write_batch_v2(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
     $7::uuid[], $8::bigint[], $9::text[], $10::text[], $11::text[],
-    $12::text[], $13::text[])
+    $12::text[], $13::text[], $14::float8)
 """
+# Seconds (and at most 1% of its TTL) by which a busy session's expiry may fall short of
+# its last message + TTL: a session is rewritten at most about once per this, not once
+# per batch (a new row version and index entries each time; issue 17).
+TOUCH_SLACK = 5.0
 # The lifecycle rule the function applies to a session that got a message.
 _OPEN_FROM = sorted(OPEN)
 _OPEN_TO = [after_message(status) for status in _OPEN_FROM]
@@ -90,6 +95,7 @@ async def write_batch(
         [r.content for r in replies],
         _OPEN_FROM,
         _OPEN_TO,
+        TOUCH_SLACK,
     )
     assert result is not None
     members: dict[str, dict[str, str]] = {}  # session id -> user -> role, in joined order
