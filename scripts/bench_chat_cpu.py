@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="chats/s")
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="seconds a late reply may take (else lost)"
+    )
     parser.add_argument("--statements", action="store_true", help="top pg_stat_statements")
     parser.add_argument(
         "--py-spy",
@@ -140,7 +143,7 @@ def main() -> None:
     logs = ROOT / ".fanout-data" / "bench" / f"logs-chat-cpu-{run_id}"
     logs.mkdir(parents=True, exist_ok=True)
     scenario = Scenario(
-        "chat", args.rate, args.connections, args.duration, runs=1, processes=1, settle=3
+        "chat", args.rate, args.connections, args.duration, runs=1, processes=1, settle=args.settle
     )
     warm_up = Scenario("chat", args.rate, args.connections, 1.0, runs=1, processes=1, settle=1)
     server = args.postgres.rsplit("/", 1)[0]
