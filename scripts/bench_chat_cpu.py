@@ -36,8 +36,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_assistant import TreeCluster, wait_for_leases  # noqa: E402
-from bench_cluster import clear_namespace, drop_database, loadtest  # noqa: E402
+from bench_chat import wait_for_leases  # noqa: E402
+from bench_cluster import Cluster, clear_namespace, drop_database, loadtest  # noqa: E402
 from bench_plan import Scenario, Spec  # noqa: E402
 from bench_table import machine  # noqa: E402
 
@@ -77,7 +77,7 @@ class _WithPostgres:
     """The cluster as `loadtest` sees it, with the Postgres server's processes among the
     nodes: its in-window server CPU then covers nodes, workers and Postgres."""
 
-    def __init__(self, cluster: TreeCluster, postgres: list[int]) -> None:
+    def __init__(self, cluster: Cluster, postgres: list[int]) -> None:
         self.urls, self.workers = cluster.urls, cluster.workers
         self.pids = cluster.pids + postgres
 
@@ -170,9 +170,7 @@ def main() -> None:
         for i in range(args.runs):
             order = list(trees) if i % 2 == 0 else list(trees)[::-1]
             for name in order:
-                cluster = TreeCluster(
-                    Path(trees[name]).resolve(), Spec("fanout", nodes=2), env, logs
-                )
+                cluster = Cluster(Spec("fanout", nodes=2), env, logs, Path(trees[name]).resolve())
                 cluster.start()
                 try:
                     wait_for_leases(args.redis_url, namespace)
