@@ -68,7 +68,13 @@ class Proc:
     def terminate(self, timeout: float = 30) -> int:
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired as late:
+            # Say what the process was doing: a stop that hangs is diagnosed from its log.
+            tail = "\n".join(self.log().splitlines()[-30:])
+            message = f"still running {timeout} s after SIGTERM; its log:\n{tail}"
+            raise AssertionError(message) from late
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
