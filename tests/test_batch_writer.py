@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import pytest
 
-from common.store.batch import TOUCH_SLACK, ReplyWrite
-from common.store.postgres import Store
+from common.store.batch import TOUCH_SLACK, ChatWritten, ReplyWrite, write_batch
+from common.store.postgres import MessageRecord, Store
 from common.transport.entries import ChatEntry
 from worker.writer import BatchWriter
 
@@ -188,3 +189,31 @@ async def test_activity_rewrites_a_session_only_when_its_expiry_lags_past_the_sl
             assert second.session.expires_at > second.before.expires_at
             assert left > 60 - slack
             assert second.session.last_activity_at > second.before.last_activity_at
+
+
+async def test_requests_made_during_a_flush_share_the_next_one(database_url: str) -> None:
+    # One transaction in flight per worker (MAX_FLUSHES): Postgres' CPU is mostly per
+    # transaction, so requests that arrive while one runs wait and go together.
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def held_write(
+        conn: asyncpg.Connection, chats: list[ChatEntry], replies: list[ReplyWrite]
+    ) -> tuple[list[ChatWritten | None], list[MessageRecord]]:
+        started.set()
+        await release.wait()
+        return await write_batch(conn, chats, replies)
+
+    async with Store.open(database_url) as store:
+        sessions = [await new_session(store) for _ in range(6)]
+        writer = BatchWriter(store, write=held_write)
+        first = asyncio.create_task(writer.chat(chat(sessions[0], 1)))
+        await started.wait()
+        later = []
+        for s in sessions[1:]:  # one per loop turn, each while the first flush runs
+            later.append(asyncio.create_task(writer.chat(chat(s, 1))))
+            await asyncio.sleep(0.01)
+        release.set()
+        written = await asyncio.gather(first, *later)
+    assert all(w is not None and w.created for w in written)
+    assert writer.batches == 2, "the five made during the first flush went in one more"

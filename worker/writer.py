@@ -32,8 +32,14 @@ log = logging.getLogger("fanout.worker")
 # Requests per transaction: large enough to amortise the round trips, small enough
 # that one transaction holds few row locks and a failed batch is cheap to redo.
 MAX_BATCH = 128
-# Transactions in flight at once; more requests wait for the next flush.
-MAX_FLUSHES = 2
+# Transactions in flight at once; more requests wait for the next flush. One: Postgres'
+# CPU per chat is mostly per transaction (the batch function's fixed statements and the
+# commit: scripts/bench_pg_calls.py), and with one in flight the requests that arrive
+# meanwhile share the next. At 1,000 chats/s this halved the calls and cut Postgres' CPU
+# per chat by 16% against two, latency unchanged within the noise (README Benchmarks,
+# issue 17); two flushes of one worker could also deadlock (one's session locks against
+# the other's foreign-key checks), and each failure was redone one by one.
+MAX_FLUSHES = 1
 
 Request = ChatEntry | ReplyWrite
 Result = ChatWritten | MessageRecord | None
