@@ -35,11 +35,21 @@ WHERE o.next_attempt_at <= now() AND NOT (o.session_id = ANY($1::uuid[]))
 ORDER BY o.next_attempt_at, o.id
 LIMIT $2
 """
-# Delivered: gone, and the session's next event in the same round trip (the DELETE's
-# snapshot still holds the row, so the next one is looked for above it).
-_DELIVERED_NEXT = """
-WITH gone AS (DELETE FROM webhook_outbox WHERE id = $1)
-SELECT * FROM webhook_outbox WHERE session_id = $2 AND id > $1 ORDER BY id LIMIT 1
+# The same heads, each with up to $3 events of its session from the head on, in order:
+# the dispatcher sends a session's run back to back without a query per event.
+_DUE_RUNS = """
+WITH heads AS (
+    SELECT o.session_id, o.next_attempt_at, o.id FROM webhook_outbox o
+    WHERE o.next_attempt_at <= now() AND NOT (o.session_id = ANY($1::uuid[]))
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_outbox e WHERE e.session_id = o.session_id AND e.id < o.id)
+    ORDER BY o.next_attempt_at, o.id
+    LIMIT $2
+)
+SELECT r.* FROM heads h CROSS JOIN LATERAL (
+    SELECT * FROM webhook_outbox e WHERE e.session_id = h.session_id ORDER BY e.id LIMIT $3
+) r
+ORDER BY h.next_attempt_at, h.id, r.id
 """
 _RETRY = """
 UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $2,
@@ -164,10 +174,24 @@ class Outbox:
         rows = await self._store.fetch(_DUE, [uuid.UUID(s) for s in busy], limit)
         return [_event(r) for r in rows]
 
-    async def delivered(self, event: OutboxEvent) -> OutboxEvent | None:
-        """Remove a delivered event; the next event of its session, if one waits."""
-        row = await self._store.fetchrow(_DELIVERED_NEXT, event.id, uuid.UUID(event.session_id))
-        return _event(row) if row is not None else None
+    async def due_runs(self, busy: set[str], limit: int, run: int) -> list[list[OutboxEvent]]:
+        """Up to `limit` sessions whose head is due, none in `busy`, each with up to `run`
+        of its events from the head on, in order (one round trip for all)."""
+        rows = await self._store.fetch(_DUE_RUNS, [uuid.UUID(s) for s in busy], limit, run)
+        runs: list[list[OutboxEvent]] = []
+        for row in rows:
+            event = _event(row)
+            if runs and runs[-1][0].session_id == event.session_id:
+                runs[-1].append(event)
+            else:
+                runs.append([event])
+        return runs
+
+    async def delivered(self, event_ids: list[int]) -> None:
+        """Remove delivered events, in one statement."""
+        await self._store.execute(
+            "DELETE FROM webhook_outbox WHERE id = ANY($1::bigint[])", event_ids
+        )
 
     async def retry_later(self, event_id: int, error: str, delay: float) -> None:
         await self._store.execute(_RETRY, event_id, error[:500], delay)

@@ -3,10 +3,13 @@
 One at a time across the cluster: every worker runs one, and only the holder of
 the Redis lease `lease:webhooks` delivers (a second one would race it for the same
 session's events and break their order). The holder keeps up to
-FANOUT_WEBHOOK_CONCURRENCY deliveries in flight, one per session at most: the head of
-a session's queue goes out, and its next event only once the head is delivered or
-dead-lettered (common/store/outbox.py); a delivered event's removal fetches the
-session's next one in the same round trip, and the task sends it straight away.
+FANOUT_WEBHOOK_CONCURRENCY deliveries in flight, one per session at most: a round
+reads, in one query, the due head of each free session's queue with up to RUN events
+after it (common/store/outbox.py), and one task per session sends them in order, each
+only once the one before is delivered; a failed one ends the run. The delivered events
+are removed together, one DELETE per round for all sessions, before those sessions are
+read again; rounds are at least ROUND_GAP apart. So a busy outbox costs two queries per
+round, not a round trip per event (issue 17: ~0.5 ms of worker CPU per event before).
 
 A delivery is a 2xx within FANOUT_WEBHOOK_TIMEOUT; anything else is retried with
 capped exponential back-off (full jitter, common/backoff.py) until the event is
@@ -44,10 +47,12 @@ log = logging.getLogger("fanout.webhooks")
 ANSWER_READ = 4096
 # Seconds between readings of the oldest undelivered event's age (a metric).
 AGE_EVERY = 1.0
-# Events of one session sent back to back by one delivery task before its slot is
-# given back: a busy session goes on without a new outbox scan per event, and cannot
-# keep a slot from other sessions for long.
-CHAIN = 32
+# Events of one session read in one round and sent back to back by its task: a busy
+# session goes on without a query per event, and cannot keep a slot for long.
+RUN = 32
+# Shortest time between dispatch rounds: deliveries that end meanwhile share the next
+# round's DELETE and scan instead of a round each.
+ROUND_GAP = 0.02
 # Longest pause between dispatch rounds while Postgres or Redis fails them.
 OUTAGE_PAUSE = 5.0
 
@@ -78,8 +83,9 @@ class WebhookDispatcher:
         self._leases = Leases(redis, worker_id, settings.lease_ttl)
         self._lease = Keys(settings.namespace).webhook_lease
         self._limit = settings.webhook_concurrency
-        # Deliveries in flight, by session: one per session keeps its events in order.
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Deliveries in flight, by session: one per session keeps its events in order. A
+        # session stays here after its task ends until its delivered events are deleted.
+        self._inflight: dict[str, asyncio.Task[list[int]]] = {}
         self._wake = asyncio.Event()
         self.counts = WebhookCounts()
         self.holding = False
@@ -110,6 +116,7 @@ class WebhookDispatcher:
         outage = Backoff(first=poll, cap=max(poll, OUTAGE_PAUSE))
         while True:
             pause = poll
+            round_at = time.monotonic()
             # Cleared before reading the outbox: a delivery that ends after the read
             # wakes the next round instead of waiting out the poll interval.
             self._wake.clear()
@@ -118,11 +125,12 @@ class WebhookDispatcher:
                 if now >= renew_at:
                     renew_at = now + self._leases.ttl_ms / 3000
                     await self._hold()
+                await self._settle()
                 if self.holding:
                     free = self._limit - len(self._inflight)
                     if free > 0:
-                        for event in await self._outbox.due(set(self._inflight), free):
-                            self._start(http, event)
+                        for run in await self._outbox.due_runs(set(self._inflight), free, RUN):
+                            self._start(http, run)
                     if now >= age_at:
                         age_at = now + AGE_EVERY
                         self.counts.oldest_age = await self._outbox.oldest_age()
@@ -136,6 +144,29 @@ class WebhookDispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._wake.wait()
+            # Deliveries ending within the gap are settled together by the next round.
+            await asyncio.sleep(max(0.0, round_at + ROUND_GAP - time.monotonic()))
+
+    async def _settle(self) -> None:
+        """Delete the events of finished runs in one statement; free their sessions."""
+        finished = {s: t for s, t in self._inflight.items() if t.done()}
+        if not finished:
+            return
+        ids: list[int] = []
+        for task in finished.values():
+            if task.cancelled():
+                continue
+            if (exc := task.exception()) is not None:
+                # Its delivered events stay in the outbox and go out again.
+                log.warning("webhook delivery task failed: %r", exc)
+                continue
+            ids += task.result()
+        if ids:
+            # If this fails the sessions stay busy and the next round tries again; a
+            # holder dying meanwhile leaves the events to be sent again (at least once).
+            await self._outbox.delivered(ids)
+        for session in finished:
+            del self._inflight[session]
 
     async def _hold(self) -> None:
         held = await self._leases.hold(self._lease)
@@ -146,41 +177,33 @@ class WebhookDispatcher:
             )
         self.holding = held
 
-    def _start(self, http: aiohttp.ClientSession, event: OutboxEvent) -> None:
-        task = asyncio.create_task(self._deliver(http, event), name=f"webhook-{event.id}")
-        self._inflight[event.session_id] = task
+    def _start(self, http: aiohttp.ClientSession, run: list[OutboxEvent]) -> None:
+        task = asyncio.create_task(self._deliver(http, run), name=f"webhook-{run[0].id}")
+        self._inflight[run[0].session_id] = task
+        task.add_done_callback(lambda _: self._wake.set())
 
-        def done(_: asyncio.Task[None]) -> None:
-            self._inflight.pop(event.session_id, None)
-            self._wake.set()
+    async def _deliver(self, http: aiohttp.ClientSession, run: list[OutboxEvent]) -> list[int]:
+        """A session's events in order while they go through; the ids delivered."""
+        delivered: list[int] = []
+        for event in run:
+            error = await self._post(http, event)
+            if error is not None:
+                await self._failed(event, error)
+                break
+            delivered.append(event.id)
+            self.counts.sent += 1
+        return delivered
 
-        task.add_done_callback(done)
-
-    async def _deliver(self, http: aiohttp.ClientSession, event: OutboxEvent) -> None:
-        """A session's events, from `event` on, while they go through (at most CHAIN)."""
-        for _ in range(CHAIN):
-            following = await self._deliver_one(http, event)
-            if following is None:
-                return
-            event = following
-
-    async def _deliver_one(
-        self, http: aiohttp.ClientSession, event: OutboxEvent
-    ) -> OutboxEvent | None:
-        """One event; the session's next one if this one was delivered and another waits."""
-        error = await self._post(http, event)
+    async def _failed(self, event: OutboxEvent, error: str) -> None:
+        """Record a failed attempt: retry later, or dead-letter when too old."""
         try:
-            if error is None:
-                following = await self._outbox.delivered(event)
-                self.counts.sent += 1
-                return following
             self.counts.failed += 1
             age = time.time() - event.created_at.timestamp()
             if age >= self._settings.webhook_max_age:
                 await self._outbox.dead_letter(event.id, error)
                 self.counts.dead_lettered += 1
                 log.warning("webhook %d (%s) dead-lettered: %s", event.id, event.type, error)
-                return None  # the next event is due now: the next round takes it
+                return  # the next event is due now: the next round takes it
             await self._outbox.retry_later(event.id, error, self._delay(event.attempts))
             self.counts.retried += 1
         except asyncio.CancelledError:
@@ -188,7 +211,6 @@ class WebhookDispatcher:
         except Exception as exc:
             # The outcome was not recorded: the event is still due, so it goes out again.
             log.warning("webhook %d: recording the outcome failed: %r", event.id, exc)
-        return None
 
     async def _post(self, http: aiohttp.ClientSession, event: OutboxEvent) -> str | None:
         """One attempt; None on a 2xx, else what went wrong."""
