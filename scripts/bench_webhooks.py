@@ -11,6 +11,12 @@ FANOUT_WEBHOOK_CONCURRENCY slots stay taken, the outbox grows) or answers 200 at
 it drives the cluster with `fanout loadtest --mode chat` at a fixed rate. The
 variants alternate run by run (so the machine's noise hits all alike) and the medians
 of each are printed side by side, with what the receiver got.
+
+    .venv/bin/python scripts/bench_webhooks.py --base-tree /path/to/other/checkout
+
+adds the variant `base`: the prompt receiver with the workers (so the dispatcher)
+running that tree's code, side by side with this tree's in the same command.
+`--variants off,prompt,base` runs only those.
 """
 
 from __future__ import annotations
@@ -71,10 +77,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_chat_arguments(parser, rate=100.0, connections=100)
+    parser.add_argument("--base-tree", type=Path, help="workers of this tree: variant `base`")
+    parser.add_argument("--variants", help="comma-separated subset of off,hanging,prompt,base")
     args = parser.parse_args()
+    names: tuple[str, ...] = NAMES + (("base",) if args.base_tree else ())
+    if args.variants:
+        names = tuple(n for n in args.variants.split(",") if n in names)
     scenario = chat_scenario(args)
     spec = Spec("fanout", nodes=2)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in NAMES}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     started = time.monotonic()
     with (
         chat_services("webhooks", "benchw") as services,
@@ -82,16 +93,17 @@ def main() -> None:
     ):
         base = services.env
         hooks = {**base, "FANOUT_WEBHOOK_URL": rx.url, "FANOUT_WEBHOOK_SECRET": SECRET}
-        variants = {"off": base, "hanging": hooks, "prompt": hooks}
+        variants = {"off": base, "hanging": hooks, "prompt": hooks, "base": hooks}
         try:
             for i in range(args.runs):
-                order = NAMES if i % 2 == 0 else NAMES[::-1]
+                order = names if i % 2 == 0 else names[::-1]
                 for name in order:
                     rx.hanging = name == "hanging"
                     answered_before = len(rx.attempts)
                     # Each run starts with an empty outbox: no backlog of the run before.
                     asyncio.run(empty_outbox(services.database_url))
-                    with running(spec, variants[name], services.logs) as cluster:
+                    tree = args.base_tree if name == "base" else None
+                    with running(spec, variants[name], services.logs, tree) as cluster:
                         # this process' CPU: the receiver's thread
                         report = measure_chat(cluster, scenario, variants[name], "receiver")
                         # Counted before the cluster stops (hanging ones end with it).
@@ -111,13 +123,13 @@ def main() -> None:
                     )
         finally:
             rx.hanging = False
-    summaries = {name: summary(results[name]) for name in NAMES}
+    summaries = {name: summary(results[name]) for name in names}
     print_chat_heading("bench_webhooks.py", args, started)
     print_chat_table(
         summaries,
         width=10,
-        base="off",
-        ratios=[("hanging", "hang/off", 10), ("prompt", "prompt/off", 12)],
+        base=names[0],
+        ratios=[(n, f"{n}/{names[0]}", 14) for n in names[1:]],
         latency_rows=[*LATENCY_ROWS, ("receiver CPU ms/chat", "receiver CPU ms/chat")],
         count_rows=[*COUNT_ROWS, "webhooks answered", "webhooks waiting"],
     )
