@@ -372,3 +372,44 @@ async def _metric(base: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+async def test_a_round_reads_each_due_sessions_run_in_order(database_url: str) -> None:
+    """The dispatcher's one query per round: each free session whose head is due, with its
+    next events in id order (capped), none of a busy session or one whose head waits."""
+    async with Store.open(database_url, webhooks=True) as store:
+        outbox = Outbox(store)
+        ids = []
+        for _ in range(4):
+            session = await store.create_session(
+                owner="olga", participants=[], agent="human", ttl=60, metadata={}
+            )
+            ids.append(session.id)
+        insert = (
+            "INSERT INTO messages (session_id, client_msg_id, role, user_id, content)"
+            " VALUES ($1, $2, 'user', 'olga', $2)"
+        )
+        for n in range(5):  # interleaved: ids of one session are not consecutive
+            for sid in ids:
+                await store.execute(insert, uuid.UUID(sid), f"m{n}")
+        due, busy, waiting, fourth = ids
+        events = {e.id: e for e in await outbox.due(set(), 100) if e.session_id in ids}
+        head = min(e.id for e in events.values() if e.session_id == waiting)
+        await outbox.retry_later(head, "HTTP 500", 60.0)  # its head waits: no run
+        runs = [r for r in await outbox.due_runs({busy}, 100, 3) if r[0].session_id in ids]
+        assert [r[0].session_id for r in runs] == [due, fourth]
+        for run in runs:
+            assert {e.session_id for e in run} == {run[0].session_id}
+            assert [orjson.loads(e.body())["data"]["message"]["content"] for e in run] == [
+                "m0",
+                "m1",
+                "m2",
+            ]
+            assert [e.id for e in run] == sorted(e.id for e in run)
+        # Delivered ones go in one statement; the session's run then starts after them.
+        await outbox.delivered([e.id for e in runs[0]])
+        again = [r for r in await outbox.due_runs(set(), 100, 10) if r[0].session_id == due]
+        assert [orjson.loads(e.body())["data"]["message"]["content"] for e in again[0]] == [
+            "m3",
+            "m4",
+        ]
