@@ -72,6 +72,10 @@ class NodeStats(StatsWriter):
         self._users_written: frozenset[str] | None = None
         self._synced = False
         self._synced_at = 0.0
+        # hub.changes as of the last connection-hash and user-set writes: while it stays
+        # the same, neither changed, and the walks over every connection are skipped.
+        self._synced_changes = -1
+        self._users_changes = -1
         self._leases = Leases(state.redis, settings.node_id, settings.lease_ttl)
 
     async def on_stop(self) -> None:
@@ -87,19 +91,20 @@ class NodeStats(StatsWriter):
         record = {**await self._sampler.sample(state.redis), **self._numbers()}
         self._export(state.metrics, record)
         index_ttl = max(settings.lease_ttl * 3, 60)
+        changes = state.hub.changes
         async with state.redis.pipeline(transaction=False) as pipe:
             stats_writes(pipe, state.keys, record, settings.lease_ttl, index_ttl)
-            synced = self._sync_connections(pipe)
-            users = self._write_users(pipe)
+            synced = self._sync_connections(pipe, changes)
+            users = self._write_users(pipe, changes)
             try:
                 await pipe.execute()
             except BaseException:
                 self._synced = False  # unknown what landed: rewrite the hash next time
                 self._users_written = None
                 raise
-            self._users_written = users
+            self._users_written, self._users_changes = users, changes
         if synced is not None:
-            self._written, self._synced = synced, True
+            self._written, self._synced, self._synced_changes = synced, True, changes
         await self._historian()
 
     async def _measure_clock_offset(self) -> None:
@@ -126,7 +131,7 @@ class NodeStats(StatsWriter):
         return {
             "draining": state.draining,
             "subscription_mode": state.settings.subscription_mode,
-            "connections": sum(len(user.connections) for user in hub.users.values()),
+            "connections": hub.connection_count,
             "users": len(hub.users),
             "connections_total": int(counter_value(m.connections_total)),
             "messages_in_per_s": rates["messages_in"],
@@ -151,17 +156,21 @@ class NodeStats(StatsWriter):
         metrics.loop_lag.set(record["loop_lag_ms"] / 1000)
         metrics.draining.set(1 if record["draining"] else 0)
 
-    def _write_users(self, pipe: Any) -> frozenset[str]:
+    def _write_users(self, pipe: Any, changes: int) -> frozenset[str]:
         """Queue the changes to this node's user set; the users it will hold.
 
         Summing per-node user counts counts a user on two nodes twice; the union of
         every node's set counts distinct users (common/transport/stats.distinct_users).
-        Only the difference since the last write is sent (the whole set after an error).
+        Only the difference since the last write is sent (the whole set after an error),
+        and only its expiry while the hub has not changed since (`changes`).
         """
         state = self._state
         key = state.keys.stats_users(state.settings.node_id)
-        users = frozenset(state.hub.users)
         known = self._users_written
+        if known is not None and changes == self._users_changes:
+            pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
+            return known
+        users = frozenset(state.hub.users)
         if known is None:
             pipe.delete(key)
             added, removed = sorted(users), []
@@ -174,13 +183,15 @@ class NodeStats(StatsWriter):
         pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
         return users
 
-    def _sync_connections(self, pipe: Any) -> set[str] | None:
+    def _sync_connections(self, pipe: Any, changes: int) -> set[str] | None:
         """Queue the changes to the connection hash; the ids it will hold, or None if unchanged."""
         state = self._state
         key = state.keys.node_connections(state.settings.node_id)
         pipe.pexpire(key, int(state.settings.lease_ttl * 1000))
         now = time.monotonic()
-        if self._synced and now - self._synced_at < CONNECTIONS_SYNC_EVERY:
+        if self._synced and (
+            changes == self._synced_changes or now - self._synced_at < CONNECTIONS_SYNC_EVERY
+        ):
             return None
         self._synced_at = now
         current = {conn.conn_id: conn for conn in state.hub.connections()}

@@ -67,6 +67,10 @@ class Hub:
         self._keys = keys
         self._mode = mode
         self.users: dict[str, LocalUser] = {}
+        # Bumped whenever `users` or a user's connections change, and the connections in
+        # all: the stats writer skips its per-connection walks while nothing changed.
+        self.changes = 0
+        self.connection_count = 0
         self.subscriber: ChannelSubscriber | None = None
         self.on_delivered: Callable[[int], None] = lambda count: None
         # Seconds from a logged frame's publication (Redis' clock) to its hand-over to the
@@ -98,12 +102,14 @@ class Hub:
         if user is None:
             user = LocalUser(conn.user_id, asyncio.get_running_loop().create_future())
             self.users[conn.user_id] = user
+            self.changes += 1
             try:
                 await self._start(user)
             except BaseException as exc:
                 # Roll back so the next join tries again (and waiting joiners fail too).
                 if self.users.get(conn.user_id) is user:
                     del self.users[conn.user_id]
+                    self.changes += 1
                     self._unsubscribe(user)
                 user.ready.set_exception(exc)
                 user.ready.exception()  # mark retrieved: there may be no other joiner
@@ -120,6 +126,8 @@ class Hub:
             else:
                 await self._replay(user, conn, resume_from, newest)
             user.connections.append(conn)
+            self.changes += 1
+            self.connection_count += 1
         finally:
             user.joining -= 1
             self._forget_if_idle(user)
@@ -158,6 +166,8 @@ class Hub:
         if user is None or conn not in user.connections:
             return
         user.connections.remove(conn)
+        self.changes += 1
+        self.connection_count -= 1
         self._forget_if_idle(user)
 
     def _forget_if_idle(self, user: LocalUser) -> None:
@@ -166,6 +176,7 @@ class Hub:
             return
         if self.users.get(user.user_id) is user:
             del self.users[user.user_id]
+            self.changes += 1
             if user.repair is not None:
                 user.repair.cancel()
             self._unsubscribe(user)
