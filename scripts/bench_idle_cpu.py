@@ -103,7 +103,8 @@ def main() -> None:
             )
     for name, _ in trees:
         print(
-            f"{name}: cores per 10,000 idle connections median {statistics.median(cores[name]):.4f} "
+            f"{name}: cores per 10,000 idle connections median "
+            f"{statistics.median(cores[name]):.4f} "
             f"({min(cores[name]):.4f}-{max(cores[name]):.4f}); RSS per connection median "
             f"{statistics.median(kib[name])} KiB"
         )
