@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from tests.harness import Client, Cluster, Proc, connect, is_type, token
-from tests.test_ops import INTERVAL, eventually, request
+from tests.test_ops import INTERVAL, TTL, eventually, request
 
 ROUTES = [
     ("GET", "/admin/stats", None),
@@ -96,6 +97,33 @@ async def test_connections_are_listed_across_nodes(cluster: Cluster) -> None:
         }
         status, body = await request(node2, "GET", "/admin/connections?limit=1")
         assert status == 200 and len(body["items"]) == 1 and body["truncated"] is True
+
+
+async def test_the_stats_follow_a_leave_and_stay_while_nothing_changes(cluster: Cluster) -> None:
+    # The stats writer skips its walks over the connections while the hub is unchanged
+    # (node/stats.py): a leave must still reach the connection list, the node's
+    # connection count and the user count, and an idle node's entries must not expire.
+    node = await cluster.node(FANOUT_STATS_INTERVAL=INTERVAL)
+
+    async def view() -> tuple[int, int, int]:
+        status, listed = await request(node, "GET", "/admin/connections")
+        assert status == 200, listed
+        status, stats = await request(node, "GET", "/admin/stats")
+        assert status == 200, stats
+        totals = stats["totals"]
+        return listed["total"], totals["connections"], totals["users"]
+
+    async with connect(node, "yara", "y1"), connect(node, "zeno", "z1"):
+        async with connect(node, "zeno", "z2"):
+            await eventually(lambda: _is(view, (3, 3, 2)), what="three connections, two users")
+        await eventually(lambda: _is(view, (2, 2, 2)), what="the leave counted")
+        await asyncio.sleep(2 * TTL)  # no change for two lease TTLs: refreshed, not expired
+        assert await view() == (2, 2, 2)
+    await eventually(lambda: _is(view, (0, 0, 0)), what="every leave counted")
+
+
+async def _is(view: Callable[[], Awaitable[tuple[int, int, int]]], want: tuple[int, ...]) -> bool:
+    return await view() == want
 
 
 async def test_disconnect_closes_the_users_sockets_on_every_node(cluster: Cluster) -> None:

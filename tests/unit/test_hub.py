@@ -189,3 +189,23 @@ async def test_a_delivery_is_framed_once_for_all_devices() -> None:
     _publish(hub, "u", b'{"type":"typing","user_id":"v"}')
     assert len(a.framed) == len(b.framed) == 2
     assert all(x is y for x, y in zip(a.framed, b.framed, strict=True)), "the same bytes"
+
+
+async def test_joins_and_leaves_are_counted_and_change_the_hub() -> None:
+    # The stats writer trusts `changes` to skip its walks (node/stats.py), and reports
+    # `connection_count` as the node's connections.
+    hub = Hub(MemoryLog(), KEYS, mode="pattern")  # type: ignore[arg-type]
+    seen = hub.changes
+    a1, a2, b1 = FakeConn("a", "1"), FakeConn("a", "2"), FakeConn("b", "1")
+    for conn in (a1, a2, b1):
+        await _join(hub, conn)
+        assert hub.changes > seen
+        seen = hub.changes
+    assert hub.connection_count == 3 == len(list(hub.connections()))
+    hub.leave(a2)  # type: ignore[arg-type]
+    assert hub.changes > seen and hub.connection_count == 2 and set(hub.users) == {"a", "b"}
+    seen = hub.changes
+    hub.leave(a2)  # type: ignore[arg-type]  # not there any more: nothing changes
+    assert hub.changes == seen and hub.connection_count == 2
+    hub.leave(b1)  # type: ignore[arg-type]
+    assert hub.changes > seen and hub.connection_count == 1 and set(hub.users) == {"a"}
