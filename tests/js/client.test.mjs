@@ -364,3 +364,23 @@ test("client: a getToken that gives the same token again does not spin", async (
   assert.equal(socket.sent.filter((f) => f.type === "auth").length, 0);
   client.close();
 });
+
+test("client: an HTTP call tries every node once, even when the socket moves meanwhile", async () => {
+  const asked = [];
+  const client = new FanoutClient({
+    urls: ["ws://dead.test/ws", "ws://alive.test/ws"],
+    deviceId: "d1",
+    getToken: async () => jwt({ sub: "u", exp: Math.floor(Date.now() / 1000) + 3600 }),
+    storage: new MemoryStorage(),
+    fetch: async (url) => {
+      asked.push(new URL(url).host);
+      if (url.startsWith("http://dead.test")) {
+        client.urlIndex = 1; // the socket reached the other node while this call waited
+        throw new TypeError("Failed to fetch");
+      }
+      return new Response(JSON.stringify({ items: [], next: null }), { status: 200 });
+    },
+  });
+  assert.deepEqual(await client.listSessions(), { items: [], next: null });
+  assert.deepEqual(asked, ["dead.test", "alive.test"]);
+});

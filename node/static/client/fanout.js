@@ -578,8 +578,11 @@ export class FanoutClient {
     const headers = { Authorization: `Bearer ${token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let lastError;
+    // From the node the socket is on, then each other once: the start is fixed here, since
+    // the socket may move to another node (urlIndex) while a call is on its way.
+    const start = this.urlIndex;
     for (let i = 0; i < this.urls.length; i += 1) {
-      const base = httpBase(this.urls[(this.urlIndex + i) % this.urls.length]);
+      const base = httpBase(this.urls[(start + i) % this.urls.length]);
       let response;
       try {
         response = await this.fetch(base + path, {
