@@ -8,6 +8,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import Cluster, Proc, connect, is_type, token
+from tests.rawws import OP_TEXT, client_frame, open_raw
 
 
 async def _closed_with(client_ws: aiohttp.ClientWebSocketResponse, within: float) -> int | None:
@@ -41,13 +42,16 @@ async def test_rate_limit_drops_frames_with_one_error_per_second(cluster: Cluste
 
 async def test_flooding_closes_1008(cluster: Cluster) -> None:
     node = await cluster.node(FANOUT_RATE="1", FANOUT_RATE_BURST="1")
-    async with connect(node, "flo", "f1") as flo:
-        for _ in range(80):  # over 5 × the rate × 10 s
-            try:
-                await flo.send({"type": "ping"})
-            except aiohttp.ClientConnectionResetError:
-                break  # the node closed it after its 1008 (it does not wait for our reply)
-        assert await _closed_with(flo.ws, 5) == 1008
+    raw = await open_raw(node, "flo", "f1")
+    try:
+        assert raw.status == 101
+        await raw.recv()  # welcome
+        # Over 5 × the rate × 10 s, in one write: the node closes after its 1008 without
+        # waiting for our reply, so frames sent one by one could fail on our side first.
+        await raw.send(client_frame(OP_TEXT, b'{"type": "ping"}') * 80)
+        assert await raw.close_code(5) == 1008
+    finally:
+        raw.abort()
 
 
 async def test_expired_token_closes_1008(cluster: Cluster) -> None:
