@@ -16,21 +16,17 @@ from typing import Any
 
 import orjson
 
-from common.transport.lease import Leases
-from common.transport.queues import queue_depths
-from common.transport.stats import (
-    NODE,
-    WORKER,
-    Rates,
-    StatsWriter,
+from common.transport.cluster_stats import (
     append_history,
     distinct_users,
     history_point,
     quantile,
     read_processes,
-    stats_writes,
     summarize,
 )
+from common.transport.lease import Leases
+from common.transport.queues import queue_depths
+from common.transport.stats import NODE, WORKER, Rates, StatsWriter, stats_writes
 from node.metrics import NodeMetrics
 from node.state import NodeState
 

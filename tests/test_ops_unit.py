@@ -10,16 +10,15 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.transport.stats import (
+from common.transport.cluster_stats import (
     HISTORY_FIELDS,
-    LoopLag,
-    Rates,
     history_point,
     merge_counts,
     quantile,
     queue_stats,
     summarize,
 )
+from common.transport.stats import LoopLag, Rates
 from node.metrics import LATENCY_BUCKETS, LatencyHistogram, NodeMetrics
 from worker.stats import ConsumerTally
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from common.transport import stats
+from common.transport import cluster_stats
 from common.transport.keys import Keys
 
 NODES = [{"id": "node-1"}, {"id": "node-2"}, {"id": "node-3"}]
@@ -25,8 +25,8 @@ async def test_small_sets_are_counted_exactly(redis: aioredis.Redis, namespace: 
     await _fill(
         redis, keys, {"node-1": range(3_000), "node-2": range(2_000, 5_000), "node-3": range(3_000)}
     )
-    assert await stats.distinct_users(redis, keys, NODES) == 5_000
-    assert await stats.distinct_users(redis, keys, []) == 0
+    assert await cluster_stats.distinct_users(redis, keys, NODES) == 5_000
+    assert await cluster_stats.distinct_users(redis, keys, []) == 0
 
 
 async def test_large_sets_are_estimated_by_sampling_within_a_few_percent(
@@ -44,13 +44,13 @@ async def test_large_sets_are_estimated_by_sampling_within_a_few_percent(
         },
     )
     unions: list[object] = []
-    monkeypatch.setattr(stats, "EXACT_USERS_UP_TO", 10_000)
+    monkeypatch.setattr(cluster_stats, "EXACT_USERS_UP_TO", 10_000)
     original = aioredis.client.Pipeline.sunionstore
     monkeypatch.setattr(
         aioredis.client.Pipeline,
         "sunionstore",
         lambda self, *args, **kw: unions.append(args) or original(self, *args, **kw),
     )
-    counted = await stats.distinct_users(redis, keys, NODES)
+    counted = await cluster_stats.distinct_users(redis, keys, NODES)
     assert unions == [], "no O(users) union past the exact bound"
     assert abs(counted - 30_000) <= 0.05 * 30_000, counted

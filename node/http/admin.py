@@ -18,17 +18,16 @@ from aiohttp import web
 
 from common.auth import Identity
 from common.protocol import MAX_USER_ID, encode
-from common.transport.queues import queue_depths
-from common.transport.stats import (
+from common.transport.cluster_stats import (
     HISTORY_SECONDS,
-    NODE,
-    WORKER,
     queue_stats,
     read_history,
     read_processes,
     summarize,
     users_total,
 )
+from common.transport.queues import queue_depths
+from common.transport.stats import NODE, WORKER
 from node.delivery.control import BROADCAST, DISCONNECT, command
 from node.http import schemas
 from node.http.base import ApiError, authenticate, json_response, read_body

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from common.store.lifecycle import SETTABLE, STATUSES
-from common.transport.stats import HISTORY_SECONDS
+from common.transport.cluster_stats import HISTORY_SECONDS
 
 # Limits of the API: documented here and enforced by the handlers.
 MAX_TTL = 30 * 86400
