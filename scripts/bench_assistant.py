@@ -14,7 +14,8 @@ so the two differ only in the generator: the HTTP request, the SSE parsing and t
 history query. `--webhooks` adds openai with webhooks on (a local receiver that
 answers 204 at once), the whole of target 6. With `--against DIR` (another revision's
 tree) a variant runs that tree's workers with echo: what this tree's reply path costs
-echo itself.
+echo itself. `--json PATH` writes every run's load test report there too, by variant
+(scripts/bench.py reads them for target 6).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +93,7 @@ def main() -> None:
         help="add openai with webhooks on (to a local receiver answering at once)",
     )
     parser.add_argument("--history", type=int, default=20, help="FANOUT_ASSISTANT_HISTORY")
+    parser.add_argument("--json", type=Path, default=None, help="write every run here (JSON)")
     args = parser.parse_args()
     scenario = chat_scenario(args)
     spec = Spec("fanout", nodes=2)
@@ -149,6 +152,10 @@ def main() -> None:
     )
     if args.against:
         print(f"\necho@tree: the workers of {args.against} (nodes and load generator: this tree)")
+    if args.json:
+        settings = {"rate": args.rate, "connections": args.connections}
+        document = {**settings, "duration": args.duration, "runs": results}
+        args.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":

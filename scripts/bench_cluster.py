@@ -84,19 +84,27 @@ def stop_process_groups(procs: Iterable[subprocess.Popen[bytes]], timeout: float
 
 class Cluster:
     """Nodes (fanout or baseline) and workers of one spec; stopped on exit. With
-    `worker_tree`, the workers run that tree's code (its directory as their cwd)."""
+    `worker_tree`, the workers run that tree's code (its directory as their cwd); with
+    `node_tree`, the fanout nodes do."""
 
     def __init__(
-        self, spec: Spec, env: dict[str, str], logs: Path, worker_tree: Path | None = None
+        self,
+        spec: Spec,
+        env: dict[str, str],
+        logs: Path,
+        worker_tree: Path | None = None,
+        node_tree: Path | None = None,
     ) -> None:
         self.spec, self.env, self.logs, self.worker_tree = spec, env, logs, worker_tree
+        self.node_tree = node_tree if spec.system == "fanout" else None
         self.nodes: list[tuple[subprocess.Popen[bytes], int]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, args: list[str], extra: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {**self.env, **extra, "FANOUT_NODE_ID": name}
-        if self.worker_tree is not None and name.startswith("worker"):
-            return spawn(args, env, self.logs / f"{name}-tree.log", cwd=self.worker_tree)
+        tree = self.worker_tree if name.startswith("worker") else self.node_tree
+        if tree is not None:
+            return spawn(args, env, self.logs / f"{name}-tree.log", cwd=tree)
         return spawn(args, env, self.logs / f"{name}.log")
 
     def start(self) -> None:
@@ -137,9 +145,13 @@ def _listening(port: int) -> bool:
 
 @contextmanager
 def running(
-    spec: Spec, env: dict[str, str], logs: Path, worker_tree: Path | None = None
+    spec: Spec,
+    env: dict[str, str],
+    logs: Path,
+    worker_tree: Path | None = None,
+    node_tree: Path | None = None,
 ) -> Iterator[Cluster]:
-    cluster = Cluster(spec, env, logs, worker_tree)
+    cluster = Cluster(spec, env, logs, worker_tree, node_tree)
     try:
         cluster.start()
         yield cluster

@@ -10,9 +10,10 @@ partitions are shared three ways) and stops one of the first two with SIGTERM at
 `--leave-at` (scale-in / a rolling restart: its partitions go to the other two). A
 partition that nobody consumes meanwhile shows as reply latency: the report is
 send -> reply on all devices, p50/p99/max, and lost chats. Trees alternate run by run,
-so a noisy neighbour hits both; prints every run, then medians and ranges. Uses Redis
-and Postgres at the default addresses (or `--redis-url`, `--postgres`), in a namespace
-and a database of its own.
+so a noisy neighbour hits both; prints every run, then medians and ranges (`--json
+PATH`: every run's load test report there too, by tree). Uses Redis and Postgres at the
+default addresses (or `--redis-url`, `--postgres`), in a namespace and a database of
+its own.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--logs", default=str(ROOT / ".fanout-data" / "bench-handover"))
     parser.add_argument("--redis-url", default=DEFAULT_REDIS)
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server URL")
+    parser.add_argument("--json", type=Path, default=None, help="write every run here (JSON)")
     args = parser.parse_args()
     trees = parse_trees(args.trees)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,7 @@ def main() -> None:
         "ho", run_id, drain_timeout=5, redis_url=args.redis_url, postgres=args.postgres
     )
     replies: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
+    reports: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
     with scratch_database(env):
         for run, name, tree in alternate(trees, args.runs, env):
             report = run_once(tree, env, args, f"{name}{run}-{run_id}")
@@ -132,6 +135,7 @@ def main() -> None:
             reply = chat.get("reply_ms") or {}
             ack = chat.get("ack_ms") or {}
             replies[name].append(reply)
+            reports[name].append(report)
             print(
                 f"run {run} {name}: {chat.get('sent')} sent, "
                 f"{chat.get('replied_per_s', 0):,.0f}/s completed; reply p50 "
@@ -152,6 +156,11 @@ def main() -> None:
                 f"{key} {statistics.median(values):,.0f} ({values[0]:,.0f}-{values[-1]:,.0f})"
             )
         print(f"  {name}: send -> reply on all devices, ms: {', '.join(cells)}")
+    if args.json:
+        settings = {"rate": args.rate, "connections": args.connections}
+        timing = {"duration": args.duration, "join_at": args.join_at, "leave_at": args.leave_at}
+        document = {**settings, **timing, "runs": reports}
+        args.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":

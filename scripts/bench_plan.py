@@ -52,7 +52,10 @@ class Result:
 def plan(args: argparse.Namespace) -> list[Spec]:
     runs, quick, conns = args.runs, args.quick, args.connections
     d_max, d_rate = (3.0, 4.0) if quick else (6.0, 10.0)
-    idle = Scenario("idle", connections=args.idle_connections, duration=3.0, runs=1)
+    # Idle CPU is read in clock ticks (10 ms): a window long enough that target 4's 0.01
+    # cores per 10,000 connections on a node is many ticks.
+    d_idle = 10.0 if quick else 20.0
+    idle = Scenario("idle", connections=args.idle_connections, duration=d_idle, runs=1)
     mx = Scenario("max", connections=conns, duration=d_max, runs=runs)
     fixed = (
         Scenario("rate", rate=4000, connections=conns, duration=d_rate, runs=runs, processes=1),

@@ -14,7 +14,8 @@ target's baseline) and, per tree, `NAME` (Bus.deliver without a delivery key, as
 fan-out load test sends) and `NAME+key` (with one, as chat messages are sent). Redis
 CPU is `used_cpu_user + used_cpu_sys` from INFO over the window; the command counts
 (INFO commandstats, reset per run) show what each delivery did. Prints every run,
-then medians and ranges, and each variant's ratio to `publish`.
+then medians and ranges, and each variant's ratio to `publish`; `--json PATH` also
+writes every run's figures there (scripts/bench.py reads them for issue 17's target 2).
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="users per call")
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--no-key", action="store_true", help="skip the keyed variants")
+    parser.add_argument("--json", type=Path, default=None, help="write every run here (JSON)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tree", default=".", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -238,6 +240,10 @@ def main() -> None:
             f"  {variant:<12} {med:6.2f} µs/delivery (range {us[0]:.2f}-{us[-1]:.2f})"
             f"  {med / base:5.2f}x publish"
         )
+    if args.json:
+        settings = {"rate": args.rate, "batch": args.batch, "users": args.users}
+        document = {**settings, "duration": args.duration, "runs": results}
+        args.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ DELIVERY: list[Column] = [
     ("lost", ("lost",), ",.0f"),
     ("loadtest cores", ("loadtest", "cpu_cores"), ".2f"),
     ("Redis cores", ("loadtest", "redis_cpu_cores"), ".2f"),
+    ("Postgres cores", ("loadtest", "postgres_cpu_cores"), ".2f"),
     # How far the run measured the cluster rather than the machine: the load
     # generator's own loop lag adds to every latency it takes, and other jobs' cores.
     ("loadtest loop lag max ms", ("loadtest", "loop_lag_ms", "max"), ".1f"),
@@ -64,6 +65,9 @@ CHAT: list[Column] = [
     ("send→reply on all devices p99 ms", ("chat", "reply_ms", "p99"), ".1f"),
     ("lost", ("lost",), ",.0f"),
     ("nodes+workers CPU (cores)", ("servers", "cpu_cores"), ".2f"),
+    ("Redis cores", ("loadtest", "redis_cpu_cores"), ".2f"),
+    ("Postgres cores", ("loadtest", "postgres_cpu_cores"), ".2f"),
+    ("other processes cores", ("loadtest", "other_cpu_cores"), ".2f"),
 ]
 RATIOS = [("deliveries_per_s",), ("servers", "deliveries_per_cpu_s"), ("latency_ms", "p99")]
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ import pytest
 
 from common.config import Settings
 from common.loadtest.fleet import LoadConfig
-from common.loadtest.report import LatencyHistogram, SeqRanges
+from common.loadtest.report import LatencyHistogram, SeqRanges, postgres_cpu_seconds
 from common.loadtest.run import run
 from common.transport.bus import Bus, connect_redis
 from tests.harness import ROOT, SECRET, Cluster
@@ -173,8 +174,17 @@ async def test_cli_json_report(cluster: Cluster, env: dict[str, str]) -> None:
     assert "cores_per_1000_per_s" in report["loadtest"]
     assert set(report["loadtest"]["loop_lag_ms"]) == {"count", "p50", "p95", "p99", "max"}
     assert report["loadtest"]["other_cpu_cores"] >= 0
+    assert report["loadtest"]["postgres_cpu_cores"] >= 0
     assert report["servers"]["pids"] == [cluster.procs[0].popen.pid]
     assert report["servers"]["cpu_seconds"] >= 0  # /proc counts in 10 ms ticks
+
+
+def test_postgres_cpu_is_read_from_every_process_named_postgres() -> None:
+    postgres = postgres_cpu_seconds()
+    for pid, cpu in postgres.items():
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+        assert cpu >= 0
+    assert os.getpid() not in postgres
 
 
 async def test_chat_mode_matches_acks_and_replies(cluster: Cluster, settings: Settings) -> None:

@@ -143,6 +143,7 @@ def merge(config: LoadConfig, shards: list[dict[str, Any]], window: float) -> Re
     closes: dict[str, int] = {}
     own_cpu = rss = rss_grown = 0.0
     redis_cores: list[float] = []
+    postgres_cores: list[float] = []
     for shard in shards:
         raw = shard["raw"]
         latency.merge(raw["latency"])
@@ -163,12 +164,19 @@ def merge(config: LoadConfig, shards: list[dict[str, Any]], window: float) -> Re
         rss += shard["loadtest"]["rss_mib"] * 2**20
         rss_grown += shard["loadtest"]["rss_per_connection_kib"] * 1024 * made
         redis_cores.append(shard["loadtest"]["redis_cpu_cores"])
+        postgres_cores.append(shard["loadtest"]["postgres_cpu_cores"])
     report.connections = {**counts, "closes": closes, "connect_ms": percentiles_ms(connect)}
     report.window_s = window
     report.latency_ms = latency.summary_ms()
     report.publish_ms = publish.summary_ms() if publish.count else None
-    # Each process read Redis' CPU over (nearly) the same window: one reading stands.
-    redis_cpu = max(redis_cores, default=0.0) * window
-    report.set_costs(own_cpu=own_cpu, rss=int(rss), rss_grown=int(rss_grown), redis_cpu=redis_cpu)
+    # Each process read Redis' and Postgres' CPU over (nearly) the same window: one
+    # reading stands.
+    report.set_costs(
+        own_cpu=own_cpu,
+        rss=int(rss),
+        rss_grown=int(rss_grown),
+        redis_cpu=max(redis_cores, default=0.0) * window,
+        postgres_cpu=max(postgres_cores, default=0.0) * window,
+    )
     report.loadtest["processes"] = len(shards)
     return report

@@ -177,6 +177,21 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def postgres_cpu_seconds() -> dict[int, float]:
+    """User + system CPU time of every process whose /proc/PID/comm is "postgres" (the
+    servers' postmasters and backends), by pid."""
+    found: dict[int, float] = {}
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        pid = int(comm.parent.name)
+        found[pid] = cpu_seconds(pid)
+    return found
+
+
 def machine_busy_seconds() -> float:
     """CPU time the whole machine spent busy since boot, all CPUs (from /proc/stat)."""
     try:
@@ -235,8 +250,11 @@ class Report:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
-    def set_costs(self, *, own_cpu: float, rss: int, rss_grown: int, redis_cpu: float) -> None:
-        """The load generator's own cost over the window (CPU from /proc/self/stat)."""
+    def set_costs(
+        self, *, own_cpu: float, rss: int, rss_grown: int, redis_cpu: float, postgres_cpu: float
+    ) -> None:
+        """The load generator's own cost over the window (CPU from /proc/self/stat), and
+        Redis' (INFO cpu) and Postgres' (its processes' /proc/PID/stat)."""
         window = self.window_s or 1.0
         per_s = self.deliveries_per_s
         made = max(1, self.connections.get("made", 0))
@@ -250,18 +268,21 @@ class Report:
             "rss_mib": round(rss / 2**20, 1),
             "rss_per_connection_kib": round(rss_grown / 1024 / made, 2),
             "redis_cpu_cores": round(redis_cpu / window, 3),
+            "postgres_cpu_cores": round(postgres_cpu / window, 3),
         }
 
     def set_contention(self, *, machine_cpu: float, lag: LatencyHistogram) -> None:
         """What says whether this process measured the cluster or its own waits: how late
         its event loop woke (a late wake-up is added to every latency it takes meanwhile)
-        and how many cores processes other than it, the servers and Redis used."""
+        and how many cores processes other than it, the servers, Redis and Postgres used."""
         window = self.window_s or 1.0
         servers = self.servers["cpu_seconds"] if self.servers else 0.0
         ours = self.loadtest.get("cpu_seconds", 0.0) + servers
         redis = self.loadtest.get("redis_cpu_cores", 0.0) * window
+        postgres = self.loadtest.get("postgres_cpu_cores", 0.0) * window
+        other = machine_cpu - ours - redis - postgres
         self.loadtest["loop_lag_ms"] = lag.summary_ms()
-        self.loadtest["other_cpu_cores"] = round(max(0.0, machine_cpu - ours - redis) / window, 3)
+        self.loadtest["other_cpu_cores"] = round(max(0.0, other) / window, 3)
 
     def set_servers(
         self, pids: Iterable[int], cpu: float, rss_before: list[int], rss_after: list[int]

@@ -47,6 +47,7 @@ from common.loadtest.report import (
     SeqRanges,
     cpu_seconds,
     machine_busy_seconds,
+    postgres_cpu_seconds,
     rss_bytes,
 )
 from common.transport.bus import Bus, connect_redis
@@ -58,8 +59,8 @@ Sync = Callable[[str], Awaitable[None]]
 
 
 class Probe:
-    """CPU (own, servers', Redis', the machine's) and delivered counts at the start and
-    end of the window, and this process's loop lag in between."""
+    """CPU (own, servers', Redis', Postgres', the machine's) and delivered counts at the
+    start and end of the window, and this process's loop lag in between."""
 
     def __init__(self, pids: tuple[int, ...], tally: Tally, bus: Bus) -> None:
         self._pids, self._tally, self._bus = pids, tally, bus
@@ -81,6 +82,7 @@ class Probe:
                 "self": cpu_seconds(),
                 "servers": [cpu_seconds(p) for p in self._pids],
                 "redis": float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)),
+                "postgres": postgres_cpu_seconds(),
                 "delivered": self._tally.delivered,
                 "machine": machine_busy_seconds(),
             }
@@ -101,6 +103,10 @@ class Probe:
 
     def delta(self, key: str) -> float:
         first, last = self.at[0][key], self.at[-1][key]
+        if isinstance(first, dict):
+            # By pid: a process that started in the window counts whole, one that ended
+            # in it is missed (Postgres backends live as long as their pool's connection).
+            return float(sum(cpu - first.get(pid, 0.0) for pid, cpu in last.items()))
         if isinstance(first, list):
             return float(sum(b - a for a, b in zip(first, last, strict=True)))
         return float(last - first)
@@ -238,6 +244,7 @@ def _costs(
         rss=rss_bytes(),
         rss_grown=rss_bytes() - self_rss,
         redis_cpu=probe.delta("redis"),
+        postgres_cpu=probe.delta("postgres"),
     )
     if config.server_pids:
         rss_after = [rss_bytes(p) for p in config.server_pids]
