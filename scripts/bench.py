@@ -206,7 +206,9 @@ def side_bench(
             why = f"failed: {done.stderr.decode()[-300:]}"
             return f"{kind}: {why}", why.splitlines()[-1][:200]
         document: dict[str, Any] = orjson.loads(path.read_bytes())
-    summary = done.stdout.decode().split("\n\n", 1)[-1].strip()
+    # Without the per-run lines (the summaries' headings and tables stay as printed).
+    lines = done.stdout.decode().splitlines()
+    summary = "\n".join(line for line in lines if not line.startswith("run ")).strip("\n")
     shown = " ".join(a for a in cmd[1:] if not a.startswith(("--json", scratch)))
     return f"{kind} (`{shown}`):\n{summary}", document
 

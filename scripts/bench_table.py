@@ -86,10 +86,12 @@ def table(results: list[Result], columns: list[Column]) -> list[str]:
 def tables(results: list[Result]) -> str:
     measured = [r for r in results if r.reports]
     delivery = [r for r in measured if r.scenario.kind in ("max", "rate")]
-    out = table(delivery, DELIVERY)
-    out += ["", "Ratios, fanout ÷ baseline from the same run (p99: lower is better):", ""]
-    out += ["| scenario | fanout mode | nodes | deliveries/s | per node CPU-s | p99 |"]
-    out += ["|---|---|---|---|---|---|"]
+    out: list[str] = []
+    if delivery:
+        out += [*table(delivery, DELIVERY), ""]
+        out += ["Ratios, fanout ÷ baseline from the same run (p99: lower is better):", ""]
+        out += ["| scenario | fanout mode | nodes | deliveries/s | per node CPU-s | p99 |"]
+        out += ["|---|---|---|---|---|---|"]
     base = {(r.scenario, r.spec.nodes): r.reports for r in delivery if r.spec.system == "baseline"}
     for r in delivery:
         b = base.get((r.scenario, r.spec.nodes))
@@ -104,7 +106,7 @@ def tables(results: list[Result]) -> str:
     failed = [f"{r.spec.name} {r.scenario.label}: {f}" for r in results for f in r.failures]
     if failed:
         out += ["", "Not measured:", *(f"- {f}" for f in failed)]
-    return "\n".join(out)
+    return "\n".join(out).strip("\n")
 
 
 def _ratio(a: float | None, b: float | None) -> str:

@@ -386,13 +386,15 @@ def assistant_rows(assistant: Mapping[str, Any] | str) -> list[Row]:
     chat latency within 10% of echo without webhooks."""
     if isinstance(assistant, str):
         ours, theirs, why = [], [], f"assistant side bench: {assistant}"
+        rate = ""
     else:
         runs = assistant.get("runs", {})
         ours, theirs, why = runs.get("openai+hooks", []), runs.get("echo", []), "no runs"
+        rate = f" at {assistant.get('rate', 0):,.0f} chats/s"
     return [
         Row(
             6,
-            f"openai (local fake) + webhooks: send→reply {key} (baseline: echo, no webhooks)",
+            f"openai (local fake) + webhooks{rate}: send→reply {key} (baseline: echo, no webhooks)",
             " ms",
             spread(dig(r, "chat", "reply_ms", key) for r in ours),
             spread(dig(r, "chat", "reply_ms", key) for r in theirs),
