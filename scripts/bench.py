@@ -55,8 +55,9 @@ sys.path.insert(0, str(ROOT))
 from bench_chat import wait_for_leases  # noqa: E402
 from bench_cluster import clear_namespace, drop_database, loadtest, running  # noqa: E402
 from bench_plan import Result, Scenario, Spec, plan  # noqa: E402
+from bench_rows import render  # noqa: E402
 from bench_table import machine, tables  # noqa: E402
-from bench_targets import render, target_rows  # noqa: E402
+from bench_targets import target_rows  # noqa: E402
 
 from common.localcluster.embedded import local_services  # noqa: E402
 from common.store.schema import migrate_sync  # noqa: E402

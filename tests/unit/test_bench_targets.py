@@ -1,4 +1,5 @@
-"""scripts/bench_targets.py: issue 17's target rows from hand-made bench results."""
+"""scripts/bench_targets.py and bench_rows.py: issue 17's target rows from hand-made bench
+results."""
 
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from bench_plan import Result, Scenario, Spec
-from bench_targets import (
-    Bound,
-    Row,
-    Spread,
-    chat_cpu_ms,
-    idle_cores_per_10k,
-    render,
-    spread,
-    target_rows,
-)
+from bench_rows import Bound, Row, Spread, render, spread
+from bench_targets import chat_cpu_ms, idle_cores_per_10k, target_rows
 
 
 def result(
