@@ -177,17 +177,20 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
 async def _refresh_devices(state: NodeState) -> None:
     """Keep this node's device leases alive; a dead node's devices expire with them.
 
-    Every device is renewed once per third of the lease, its chunk at its place in a
-    round spread over that third (node/presence.py), so two renewals of a device are
-    less than two thirds of the lease apart wherever it moves in the list.
+    A round renews every device, its chunk at its place in the round (node/presence.py);
+    a round starts every half lease and is spread over the first half of that, so two
+    renewals of a device are at most three quarters of the lease apart wherever it
+    moves in the list. (Rounds every third of the lease, spread over all of it, left a
+    third of the lease to spare but cost half as much again: at 10,000 idle devices the
+    renewal is most of a node's CPU, scripts/bench_idle_cpu.py.)
     """
-    interval = state.settings.lease_ttl / 3
+    interval = state.settings.lease_ttl / 2
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
         held = list(state.hub.connections())
         try:
-            for conn in await state.devices.refresh(held, spread=interval):
+            for conn in await state.devices.refresh(held, spread=interval / 2):
                 conn.close(CloseCode.POLICY, REPLACED)
         except asyncio.CancelledError:
             raise

@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
-from common.transport.connection import RespConnection, run_script
-from common.transport.keys import Keys
+from common.transport.connection import (
+    RespConnection,
+    command,
+    load_script,
+    pack_args,
+    run_script,
+)
+from common.transport.keys import Keys, user_tag
 
 # KEYS: devices zset, device->connection hash
 # ARGV: device, holder, now ms, expires ms, max devices, key ttl s
@@ -152,6 +159,13 @@ class DeviceRegistry:
         self._join = redis.register_script(_JOIN)
         self._leave = redis.register_script(_LEAVE)
         self._renew = redis.register_script(_RENEW)
+        # The renewal's keys and holders, encoded straight into RESP (`_renew_command`):
+        # the two key prefixes up to the user's hash tag, and the holders' node part.
+        self._key_prefixes = (
+            keys.devices("").removesuffix("}").encode(),
+            keys.device_conns("").removesuffix("}").encode(),
+        )
+        self._holder_suffix = f" {node_id}".encode()
 
     def _holder(self, conn_id: str) -> str:
         return f"{conn_id} {self._node_id}"
@@ -210,22 +224,46 @@ class DeviceRegistry:
         return replaced
 
     async def _renew_in_script(self, chunk: Sequence[H], expires: int) -> list[H]:
-        keys = [
-            k
-            for c in chunk
-            for k in (self._keys.devices(c.user_id), self._keys.device_conns(c.user_id))
-        ]
-        args: list[str | int] = [expires, self._key_ttl]
-        for c in chunk:
-            args += (c.device_id, self._holder(c.conn_id))
         if self._commands is not None:
             # On the shared connection, like claims and releases: a redis-py script call
             # cancelled at a SIGTERM was seen to swallow the cancellation, and the
             # node's stop then waited on this refresher until the watchdog.
-            numbers = await run_script(self._commands, self._renew, keys, args)
+            renewal = self._renew_command(chunk, expires)
+            try:
+                numbers = await self._commands.submit_packed(renewal)
+            except NoScriptError:
+                await load_script(self._commands, self._renew)
+                numbers = await self._commands.submit_packed(renewal)
         else:
+            keys = [
+                k
+                for c in chunk
+                for k in (self._keys.devices(c.user_id), self._keys.device_conns(c.user_id))
+            ]
+            args: list[str | int] = [expires, self._key_ttl]
+            for c in chunk:
+                args += (c.device_id, self._holder(c.conn_id))
             numbers = await self._renew(keys=keys, args=args)
         return [chunk[int(n) - 1] for n in numbers]
+
+    def _renew_command(self, chunk: Sequence[H], expires: int) -> bytes:
+        """EVALSHA of _RENEW for `chunk`, each device's keys and holder encoded in one
+        step: at 10,000 held devices a node renews 2,000 a second, and `pack`'s
+        argument-by-argument encoding was half of the node's CPU for it."""
+        devices, conns = self._key_prefixes
+        suffix = self._holder_suffix
+        keys, pairs = [], []
+        for c in chunk:
+            tag = user_tag(c.user_id).encode()
+            keys.append(
+                b"$%d\r\n%s%s}\r\n$%d\r\n%s%s}\r\n"
+                % (len(devices) + len(tag) + 1, devices, tag, len(conns) + len(tag) + 1, conns, tag)
+            )
+            device, holder = c.device_id.encode(), c.conn_id.encode() + suffix
+            pairs.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(device), device, len(holder), holder))
+        head = pack_args(("EVALSHA", self._renew.sha, 2 * len(chunk)))
+        lease = pack_args((expires, self._key_ttl))
+        return command(5 + 4 * len(chunk), (head, *keys, lease, *pairs))
 
     async def _renew_per_device(self, chunk: Sequence[H], expires: int) -> list[H]:
         # Redis Cluster: users' keys live on different slots, which one script call

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from common.transport.connection import RespConnection, address_of
 from common.transport.keys import Keys
-from node.presence import RENEW_CHUNK, DeviceRegistry, Holder
+from node.presence import _RENEW, RENEW_CHUNK, DeviceRegistry, Holder
 
 LEASE = 10.0
 
@@ -139,3 +139,41 @@ async def test_refresh_returns_the_held_connections_whose_device_is_held_by_anot
     # The newer holder's lease is left as it was, the held one's renewed.
     assert sorted(d["connection_id"] for d in await devices.online("cy")) == ["c2", "c9"]
     assert await lease_ends(redis, keys, "cy", "laptop") is not None
+
+
+async def test_refresh_renews_users_whose_ids_need_escaping_or_are_not_ascii(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    # The shared connection's renewal encodes keys itself (_renew_command): a user id
+    # with braces (escaped in the hash tag) or multi-byte characters must land on the
+    # same keys as a claim's.
+    keys = Keys(namespace)
+    held = [Held("{ü}%", "téléphone", "c1"), Held("日本", "d", "c2"), Held("a}b{", "x", "c3")]
+    for h in held:
+        assert (await devices.claim(h.user_id, h.device_id, h.conn_id)).came_online
+        await redis.zadd(keys.devices(h.user_id), {h.device_id: 1}, xx=True)
+    before = int(time.time() * 1000)
+    assert await devices.refresh(held) == []
+    for h in held:
+        ends = await lease_ends(redis, keys, h.user_id, h.device_id)
+        assert ends is not None and ends >= before + LEASE * 1000, h
+
+
+async def test_refresh_loads_its_script_when_redis_does_not_have_it(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    # As after a Redis restart: the renewal script is not in Redis' cache (a body of its
+    # own, never loaded: the run's Redis is shared by the tests, so no SCRIPT FLUSH).
+    commands = RespConnection(address_of(redis))
+    try:
+        devices = registry(redis, namespace, cluster=False, commands=commands)
+        devices._renew = redis.register_script(f"{_RENEW}\n-- {namespace}\n")
+        assert not await redis.script_exists(devices._renew.sha) == [True]
+        held = Held("dee", "phone", "c1")
+        await devices.claim(held.user_id, held.device_id, held.conn_id)
+        await redis.zadd(Keys(namespace).devices("dee"), {"phone": 1}, xx=True)
+        assert await devices.refresh([held]) == []
+        assert (await lease_ends(redis, Keys(namespace), "dee", "phone") or 0) > time.time() * 1000
+        assert await redis.script_exists(devices._renew.sha) == [True]
+    finally:
+        await commands.close()

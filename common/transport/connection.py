@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import hiredis
@@ -46,7 +46,13 @@ CLOSE_WAIT = 2.0
 
 def pack(*args: bytes | str | int | float) -> bytes:
     """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n%s" % (len(args), pack_args(args))
+
+
+def pack_args(args: Iterable[bytes | str | int | float]) -> bytes:
+    """Arguments in RESP, without the command's header: a part of a command that
+    `command` puts together with parts encoded by other means."""
+    out = []
     for arg in args:
         if isinstance(arg, bytes):
             data = arg
@@ -56,6 +62,11 @@ def pack(*args: bytes | str | int | float) -> bytes:
             data = repr(arg).encode() if isinstance(arg, float) else b"%d" % arg
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def command(count: int, parts: Iterable[bytes]) -> bytes:
+    """A command of `count` arguments from parts already in RESP (`pack_args`)."""
+    return b"*%d\r\n%s" % (count, b"".join(parts))
 
 
 def address_of(redis: aioredis.Redis) -> dict[str, Any]:
@@ -126,11 +137,14 @@ async def run_script(
         return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         # Redis restarted or flushed its scripts: the script did not run; load it, again.
-        body = script.script
-        await connection.call(
-            "SCRIPT", "LOAD", body if isinstance(body, str | bytes) else bytes(body)
-        )
+        await load_script(connection, script)
         return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def load_script(connection: RespConnection, script: Script) -> None:
+    """SCRIPT LOAD a redis-py registered script (after an EVALSHA's NoScriptError)."""
+    body = script.script
+    await connection.call("SCRIPT", "LOAD", body if isinstance(body, str | bytes) else bytes(body))
 
 
 class _Protocol(asyncio.Protocol):
@@ -182,12 +196,16 @@ class RespConnection:
 
     def submit(self, *args: bytes | str | int | float) -> asyncio.Future[Any]:
         """Queue one command; a future of its reply (a Redis error is set as its exception)."""
+        return self.submit_packed(pack(*args))
+
+    def submit_packed(self, data: bytes) -> asyncio.Future[Any]:
+        """`submit` of a command already in RESP (`pack`, `command`)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         if len(self._waiting) + len(self._unsent) >= self._max_in_flight:
             done.set_exception(RedisConnectionError("too many redis commands in flight"))
             return done
-        self._unsent.append((pack(*args), done))
+        self._unsent.append((data, done))
         if not self._flush_scheduled:
             # Not at once: the commands of this loop turn leave in one write.
             self._flush_scheduled = True
