@@ -168,7 +168,7 @@ async def test_refresh_loads_its_script_when_redis_does_not_have_it(
     try:
         devices = registry(redis, namespace, cluster=False, commands=commands)
         devices._renew = redis.register_script(f"{_RENEW}\n-- {namespace}\n")
-        assert not await redis.script_exists(devices._renew.sha) == [True]
+        assert await redis.script_exists(devices._renew.sha) == [False]
         held = Held("dee", "phone", "c1")
         await devices.claim(held.user_id, held.device_id, held.conn_id)
         await redis.zadd(Keys(namespace).devices("dee"), {"phone": 1}, xx=True)
