@@ -8,7 +8,7 @@ answers at once, chat latency within 10% of echo. Each run starts a cluster (2 n
 2 workers) with FANOUT_ASSISTANT=echo or =openai, and drives it with `fanout loadtest
 --mode chat` at a fixed rate; the variants alternate run by run (so the machine's
 noise hits both alike) and the medians of each are printed side by side, with the
-ratio openai/echo. The fake (tests/fake_openai.py) runs in a thread of this process
+ratio openai/echo. The fake (tests/support/fake_openai.py) runs in a thread of this process
 and answers exactly what echo answers ("You said: <content>", three words a chunk),
 so the two differ only in the generator: the HTTP request, the SSE parsing and the
 history query. `--webhooks` adds openai with webhooks on (a local receiver that
@@ -50,7 +50,7 @@ from bench_chat import (  # noqa: E402
 from bench_cluster import running  # noqa: E402
 from bench_plan import Spec  # noqa: E402
 
-from tests.fake_openai import FakeOpenAI  # noqa: E402
+from tests.support.fake_openai import FakeOpenAI  # noqa: E402
 
 
 @asynccontextmanager

@@ -5,7 +5,7 @@
 
 SPEC §10: a slow or failing receiver never slows message delivery. Each run starts a
 cluster (2 nodes, 2 workers, bench_cluster.running) with webhooks off, or on towards
-a local receiver (tests/webhook_receiver.py, in a thread of this process) that either
+a local receiver (tests/support/webhook_receiver.py, in a thread of this process) that either
 never answers (every delivery waits out FANOUT_WEBHOOK_TIMEOUT, all
 FANOUT_WEBHOOK_CONCURRENCY slots stay taken, the outbox grows) or answers 200 at once;
 it drives the cluster with `fanout loadtest --mode chat` at a fixed rate. The
@@ -50,7 +50,7 @@ from bench_chat import (  # noqa: E402
 from bench_cluster import running  # noqa: E402
 from bench_plan import Spec  # noqa: E402
 
-from tests.webhook_receiver import receiving  # noqa: E402
+from tests.support.webhook_receiver import receiving  # noqa: E402
 
 SECRET = secrets.token_urlsafe(24)
 NAMES = ("off", "hanging", "prompt")

@@ -1,6 +1,7 @@
 """Fixtures: a redis-server of this test run's own (never the machine's 6379), Postgres
 (the default one when it answers, else an embedded one), a database and a Redis
-namespace of its own for every test."""
+namespace of its own for every test; and, for the tests that ask for one, a Redis Cluster
+of their own (tests/support/redis_cluster.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import redis.asyncio as aioredis
 from common.config import Settings
 from common.localcluster.embedded import Services, embedded_redis, local_services
 from common.store.schema import migrate
-from tests.harness import ROOT, SECRET, Cluster, free_port
+from tests.support.harness import ROOT, SECRET, Cluster, free_port
+from tests.support.redis_cluster import cluster_ports, redis_cluster  # noqa: F401 (fixtures)
 
 DEFAULT_POSTGRES = "postgresql://127.0.0.1:5432/postgres"
 

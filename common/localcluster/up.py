@@ -264,7 +264,7 @@ def _banner(
     folder: Path,
     dev_secret: str | None,
 ) -> str:
-    """What is running, and commands that work as printed (tests/test_up.py runs them)."""
+    """What is running, and commands that work as printed (tests/deploy/test_up.py runs them)."""
     nodes = [c for c in children if c.name.startswith("node-")]
     workers = [c for c in children if c.name.startswith("worker-")]
 

@@ -1,7 +1,7 @@
 """PRIVATE API of redis-py: what the lean connection (connection.py) borrows from it.
 
 Depends on redis==8.1.0 (pinned in pyproject.toml) beyond its documented API; an
-upgrade reviews this file and runs tests/test_redis_private.py, which checks the
+upgrade reviews this file and runs tests/transport/test_redis_private.py, which checks the
 behaviour relied on against a real Redis. What it relies on:
 
 - `redis._parsers.base.BaseParser.parse_error(text)` turns the text of a Redis error

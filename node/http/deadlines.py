@@ -3,7 +3,7 @@
 The head. aiohttp's keep-alive timer is armed when a connection opens and again after
 every response, and when it fires while the connection still waits for a complete
 request head it closes the connection (aiohttp's `RequestHandler._process_keepalive`;
-tests/test_abuse_data_http.py holds it to that). So the keep-alive timeout *is* the head
+tests/abuse/test_abuse_data_http.py holds it to that). So the keep-alive timeout *is* the head
 deadline: FANOUT_HTTP_HEAD_TIMEOUT from connect, or from the previous response, to the
 end of the next head. An idle keep-alive connection is closed after the same time.
 A WebSocket turns keep-alive off at the upgrade, so sockets are not affected.

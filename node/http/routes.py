@@ -2,7 +2,7 @@
 
 Each handler module ends with its table, `ROUTES: tuple[Route, ...]`; node/app.py passes
 the tables to `register`, and node/http/openapi.py builds /api/v1/openapi.json from the
-same tables, so a served route cannot be left out of the document (tests/test_openapi.py
+same tables, so a served route cannot be left out of the document (tests/api/test_openapi.py
 fails if one is).
 
 Adding a route is one entry in the handler module's table, for example:

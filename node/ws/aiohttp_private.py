@@ -1,8 +1,8 @@
 """PRIVATE API of aiohttp: every use the node makes of aiohttp internals, in one place.
 
 Depends on aiohttp==3.14.5 (pinned in pyproject.toml) beyond its documented API; an
-upgrade reviews this file and runs tests/test_aiohttp_private.py, which checks the
-behaviour relied on, not just the names (end to end: tests/test_abuse_ws_frames.py,
+upgrade reviews this file and runs tests/transport/test_aiohttp_private.py, which checks the
+behaviour relied on, not just the names (end to end: tests/abuse/test_abuse_ws_frames.py,
 frames sent behind the upgrade request). What it relies on:
 
 - `WebSocketReader` (aiohttp.http, undocumented) parses frames and, synchronously inside

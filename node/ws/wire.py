@@ -18,7 +18,7 @@ behind the upgrade request, before the take-over, are fed to the Wire first
 (`feed_tail`).
 
 The take-over uses aiohttp internals, all of them behind node/ws/aiohttp_private.py
-(aiohttp's version pinned; tests/test_aiohttp_private.py checks what is relied on).
+(aiohttp's version pinned; tests/transport/test_aiohttp_private.py checks what is relied on).
 """
 
 from __future__ import annotations

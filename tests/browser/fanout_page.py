@@ -15,7 +15,7 @@ from typing import Any
 from playwright.async_api import Browser, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from tests.harness import Proc, token
+from tests.support.harness import Proc, token
 
 # Runs in the page: builds the client, records its events, connects.
 SETUP = """

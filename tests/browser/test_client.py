@@ -11,7 +11,7 @@ import aiohttp
 from playwright.async_api import Browser
 
 from tests.browser.fanout_page import fanout_page
-from tests.harness import (
+from tests.support.harness import (
     Client,
     Cluster,
     connect,

@@ -6,7 +6,7 @@ import asyncio
 
 from playwright.async_api import Page, expect
 
-from tests.harness import Cluster, connect, token
+from tests.support.harness import Cluster, connect, token
 
 REPLY_DELAY = "0.25"  # seconds between the echo assistant's chunks (FANOUT_ECHO_DELAY)
 TEXT = "tell me about streaming replies in small pieces please"

@@ -11,8 +11,9 @@ from typing import Any
 from playwright.async_api import Page, expect
 
 from common.transport.keys import Keys
-from tests.harness import ROOT, Cluster, connect, create_session
-from tests.test_ops import ADMIN, INTERVAL, TTL, chatting, stalled_client
+from tests.support.api import ADMIN
+from tests.support.harness import ROOT, Cluster, connect, create_session
+from tests.support.ops import INTERVAL, TTL, chatting, stalled_client
 
 SCREENSHOTS = Path(os.environ.get("FANOUT_SCREENSHOTS", ROOT / ".fanout-data" / "screenshots"))
 WAIT_MS = 10_000

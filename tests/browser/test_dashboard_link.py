@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from playwright.async_api import Page, expect
 
-from tests.harness import Cluster, connect
-from tests.test_ops import ADMIN, INTERVAL
+from tests.support.api import ADMIN
+from tests.support.harness import Cluster, connect
+from tests.support.ops import INTERVAL
 
 
 async def test_the_printed_dashboard_link_signs_in(cluster: Cluster, page: Page) -> None:

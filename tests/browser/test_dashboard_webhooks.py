@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from playwright.async_api import Page, expect
 
-from tests.harness import Cluster, connect, create_session, is_type
-from tests.test_ops import ADMIN
-from tests.test_webhooks import HOOK_SECRET, _hooks
-from tests.webhook_receiver import receiving
+from tests.support.api import ADMIN
+from tests.support.harness import Cluster, connect, create_session, is_type
+from tests.support.webhook_receiver import receiving
+from tests.worker.test_webhooks import HOOK_SECRET, _hooks
 
 WAIT_MS = 15_000
 

@@ -6,7 +6,7 @@ from common.wsframe import OP_PING, OP_TEXT
 from node.ws.maskcheck import MaskCheck
 from node.ws.socket import is_valid_close_code
 from node.ws.upgrade import parse_last_seq
-from tests.rawws import client_frame
+from tests.support.rawws import client_frame
 
 # 7-bit, 16-bit and 64-bit lengths, a control frame, an empty one.
 MASKED = [

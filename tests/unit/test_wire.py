@@ -1,4 +1,4 @@
-"""Frame headers (RFC 6455 §5.2); the aiohttp internals: tests/test_aiohttp_private.py."""
+"""Frame headers (RFC 6455 §5.2); the aiohttp internals: tests/transport/test_aiohttp_private.py."""
 
 from __future__ import annotations
 

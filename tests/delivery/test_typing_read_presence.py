@@ -1,0 +1,66 @@
+"""typing, read and presence frames reach exactly the devices SPEC §4 names."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support.harness import Cluster, connect, create_session, is_type
+
+
+async def test_typing_goes_to_everyone_but_the_typing_device(cluster: Cluster) -> None:
+    node1, node2 = await asyncio.gather(cluster.node(), cluster.node())
+    session_id = await create_session(node1, "wes", ["xena"])
+    async with (
+        connect(node1, "wes", "w1") as w1,
+        connect(node2, "wes", "w2") as w2,
+        connect(node2, "xena", "x1") as x1,
+    ):
+        await w1.send({"type": "typing", "session_id": session_id, "is_typing": True})
+        for client in (w2, x1):
+            got = await client.until(is_type("typing"))
+            assert got == {
+                "type": "typing",
+                "session_id": session_id,
+                "user_id": "wes",
+                "device_id": "w1",
+                "is_typing": True,
+            }
+        await w1.send({"type": "ping"})
+        await w1.until(is_type("pong"))
+        assert not [f for f in w1.frames if f["type"] == "typing"], "not echoed to the typist"
+
+
+async def test_read_goes_to_all_own_devices_with_seq(cluster: Cluster) -> None:
+    node1, node2 = await asyncio.gather(cluster.node(), cluster.node())
+    session_id = await create_session(node1, "yuri", ["zoe"])
+    async with (
+        connect(node1, "yuri", "y1") as y1,
+        connect(node2, "yuri", "y2") as y2,
+        connect(node2, "zoe", "z1") as z1,
+    ):
+        await y1.send({"type": "read", "session_id": session_id, "message_id": 42})
+        got = [await c.until(is_type("read")) for c in (y1, y2)]
+        assert got[0] == got[1]
+        assert got[0]["message_id"] == 42 and got[0]["session_id"] == session_id
+        assert got[0]["seq"] == y1.welcome["last_seq"] + 1
+        await z1.send({"type": "ping"})
+        await z1.until(is_type("pong"))
+        assert not [f for f in z1.frames if f["type"] == "read"], "read positions are private"
+
+
+async def test_presence_tells_the_users_other_devices(cluster: Cluster) -> None:
+    node1, node2 = await asyncio.gather(cluster.node(), cluster.node())
+    async with connect(node1, "abe", "a1") as a1:
+        async with connect(node2, "abe", "a2") as a2:
+            online = await a1.until(is_type("presence"))
+            assert online == {
+                "type": "presence",
+                "user_id": "abe",
+                "device_id": "a2",
+                "status": "online",
+            }
+            await a2.send({"type": "ping"})
+            await a2.until(is_type("pong"))
+            assert not [f for f in a2.frames if f["type"] == "presence"], "not to itself"
+        offline = await a1.until(is_type("presence"))
+        assert offline["status"] == "offline" and offline["device_id"] == "a2"
