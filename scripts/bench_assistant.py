@@ -14,8 +14,11 @@ so the two differ only in the generator: the HTTP request, the SSE parsing and t
 history query. `--webhooks` adds openai with webhooks on (a local receiver that
 answers 204 at once), the whole of target 6. With `--against DIR` (another revision's
 tree) a variant runs that tree's workers with echo: what this tree's reply path costs
-echo itself. `--json PATH` writes every run's load test report there too, by variant
-(scripts/bench.py reads them for target 6).
+echo itself; with `--webhooks` too, another runs that tree's workers with openai and
+webhooks on (openai+hooks@tree: a change to that path against the tree before it, same
+command). `--variants a,b` runs only those, echo first; any variant with `@tree` after
+its name runs it on the other tree's workers. `--json PATH` writes every run's load test
+report there too, by variant (scripts/bench.py reads them for target 6).
 """
 
 from __future__ import annotations
@@ -94,11 +97,24 @@ def main() -> None:
     )
     parser.add_argument("--history", type=int, default=20, help="FANOUT_ASSISTANT_HISTORY")
     parser.add_argument("--json", type=Path, default=None, help="write every run here (JSON)")
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated subset of the variants (echo first)"
+    )
     args = parser.parse_args()
     scenario = chat_scenario(args)
     spec = Spec("fanout", nodes=2)
     names = ["echo", "openai"]
-    names += (["openai+hooks"] if args.webhooks else []) + (["echo@tree"] if args.against else [])
+    names += ["openai+hooks"] if args.webhooks else []
+    names += ["echo@tree"] if args.against else []
+    names += ["openai+hooks@tree"] if args.against and args.webhooks else []
+    if args.variants:
+        chosen = args.variants.split(",")
+        known = {"echo", "openai", "openai+hooks"}
+        if chosen[0] != "echo" or not {n.removesuffix("@tree") for n in chosen} <= known:
+            parser.error(f"--variants: echo first, then some of {sorted(known)} (or @tree)")
+        if args.against is None and any(n.endswith("@tree") for n in chosen):
+            parser.error("--variants: @tree needs --against")
+        names = chosen
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     started = time.monotonic()
     with (
@@ -117,17 +133,17 @@ def main() -> None:
                 "FANOUT_ASSISTANT_SYSTEM_PROMPT": "You are a benchmark.",
                 "FANOUT_ASSISTANT_HISTORY": str(args.history),
             },
-            "echo@tree": {**base, "FANOUT_ASSISTANT": "echo"},
         }
         variants["openai+hooks"] = {
             **variants["openai"],
             "FANOUT_WEBHOOK_URL": hook_url,
             "FANOUT_WEBHOOK_SECRET": secrets.token_urlsafe(32),
         }
+        variants |= {f"{name}@tree": env for name, env in variants.items()}
         for i in range(args.runs):
             order = names if i % 2 == 0 else names[::-1]
             for name in order:
-                tree = args.against if name == "echo@tree" else None
+                tree = args.against if name.endswith("@tree") else None
                 with running(spec, variants[name], services.logs, tree) as cluster:
                     # this process' CPU: the fake's thread
                     report = measure_chat(cluster, scenario, variants[name], "fake model")
@@ -144,14 +160,14 @@ def main() -> None:
     others = [n for n in names if n != "echo"]
     print_chat_table(
         summaries,
-        width=13,
+        width=max(13, *(len(n) + 2 for n in names)),
         base="echo",
-        ratios=[(n, f"{n}/echo", 19) for n in others],
+        ratios=[(n, f"{n}/echo", max(19, len(n) + 8)) for n in others],
         latency_rows=[*LATENCY_ROWS, ("fake model CPU ms/chat", "fake CPU ms/chat")],
         count_rows=COUNT_ROWS,
     )
     if args.against:
-        print(f"\necho@tree: the workers of {args.against} (nodes and load generator: this tree)")
+        print(f"\n@tree: the workers of {args.against} (nodes and load generator: this tree)")
     if args.json:
         settings = {"rate": args.rate, "connections": args.connections}
         document = {**settings, "duration": args.duration, "runs": results}
