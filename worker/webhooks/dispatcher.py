@@ -30,7 +30,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from common.backoff import Backoff
@@ -40,11 +39,10 @@ from common.store.postgres import Store
 from common.transport.keys import Keys
 from common.transport.lease import Leases
 from worker.webhooks import signing
+from worker.webhooks.http import HookClient, HookError
 
 log = logging.getLogger("fanout.webhooks")
 
-# Bytes of a receiver's answer read before the connection is reused; the rest is dropped.
-ANSWER_READ = 4096
 # Seconds between readings of the oldest undelivered event's age (a metric).
 AGE_EVERY = 1.0
 # Events of one session read in one round and sent back to back by its task: a busy
@@ -92,23 +90,22 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         """Deliver while holding the lease; until cancelled (then in-flight ones stop)."""
-        timeout = aiohttp.ClientTimeout(total=self._settings.webhook_timeout)
-        connector = aiohttp.TCPConnector(limit=self._limit)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
-            try:
-                await self._loop(http)
-            finally:
-                tasks = list(self._inflight.values())
-                for task in tasks:
-                    task.cancel()
-                # Cancelled deliveries stay in the outbox: the next holder sends them.
-                await asyncio.gather(*tasks, return_exceptions=True)
-                if self.holding:
-                    self.holding = False
-                    with contextlib.suppress(Exception):
-                        await self._leases.release(self._lease)
+        http = HookClient(self._url, keep=self._limit)
+        try:
+            await self._loop(http)
+        finally:
+            tasks = list(self._inflight.values())
+            for task in tasks:
+                task.cancel()
+            # Cancelled deliveries stay in the outbox: the next holder sends them.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            http.close()
+            if self.holding:
+                self.holding = False
+                with contextlib.suppress(Exception):
+                    await self._leases.release(self._lease)
 
-    async def _loop(self, http: aiohttp.ClientSession) -> None:
+    async def _loop(self, http: HookClient) -> None:
         renew_at = age_at = 0.0
         poll = self._settings.webhook_poll
         # While Postgres or Redis is down the rounds space out (one warning each), up to
@@ -177,12 +174,12 @@ class WebhookDispatcher:
             )
         self.holding = held
 
-    def _start(self, http: aiohttp.ClientSession, run: list[OutboxEvent]) -> None:
+    def _start(self, http: HookClient, run: list[OutboxEvent]) -> None:
         task = asyncio.create_task(self._deliver(http, run), name=f"webhook-{run[0].id}")
         self._inflight[run[0].session_id] = task
         task.add_done_callback(lambda _: self._wake.set())
 
-    async def _deliver(self, http: aiohttp.ClientSession, run: list[OutboxEvent]) -> list[int]:
+    async def _deliver(self, http: HookClient, run: list[OutboxEvent]) -> list[int]:
         """A session's events in order while they go through; the ids delivered."""
         delivered: list[int] = []
         for event in run:
@@ -212,18 +209,16 @@ class WebhookDispatcher:
             # The outcome was not recorded: the event is still due, so it goes out again.
             log.warning("webhook %d: recording the outcome failed: %r", event.id, exc)
 
-    async def _post(self, http: aiohttp.ClientSession, event: OutboxEvent) -> str | None:
+    async def _post(self, http: HookClient, event: OutboxEvent) -> str | None:
         """One attempt; None on a 2xx, else what went wrong."""
         body = event.body()
         headers = signing.headers(self._secret, event.id, int(time.time()), body)
         try:
-            async with http.post(self._url, data=body, headers=headers) as answer:
-                await answer.content.read(ANSWER_READ)
-                if 200 <= answer.status < 300:
-                    return None
-                return f"HTTP {answer.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self._settings.webhook_timeout):
+                status = await http.post(body, headers)
+        except (OSError, HookError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
+        return None if 200 <= status < 300 else f"HTTP {status}"
 
     def _delay(self, attempts: int) -> float:
         """Seconds before attempt `attempts + 2`: the ceiling doubles per failure, capped."""
