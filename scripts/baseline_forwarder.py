@@ -1,9 +1,11 @@
 """BASELINE, not fanout: a minimal aiohttp + redis-py forwarder that scripts/bench.py compares.
 
 SUBSCRIBE per user on connect, `send_frame` of each published payload to the user's
-local sockets, verbatim. It speaks just enough of the protocol for `fanout loadtest
---mode fanout` (GET /ws?device_id=&token= or a Bearer header, a `welcome`, frames as
-published) and none of the rest: no seq check, no resume, no bounded queues, no metrics.
+local sockets, verbatim but for the publish-time stamp that fanout's delivery script
+puts in front of each frame (`@<µs>\n`, common/protocol.py: the nodes strip it too). It
+speaks just enough of the protocol for `fanout loadtest --mode fanout` (GET
+/ws?device_id=&token= or a Bearer header, a `welcome`, frames as published) and none of
+the rest: no seq check, no resume, no bounded queues, no metrics.
 
     FANOUT_JWT_SECRET=... .venv/bin/python scripts/baseline_forwarder.py --port 8090
 """
@@ -55,8 +57,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 async def forward(app: web.Application) -> None:
     async for message in app[PUBSUB].listen():
         if message["type"] == "message":
+            data = message["data"]
+            if data[:1] == b"@":
+                data = data.partition(b"\n")[2]
             for ws in list(app[SOCKETS].get(message["channel"], ())):
-                await ws.send_frame(message["data"], WSMsgType.TEXT)
+                await ws.send_frame(data, WSMsgType.TEXT)
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:

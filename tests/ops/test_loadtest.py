@@ -17,7 +17,7 @@ from common.loadtest.fleet import LoadConfig
 from common.loadtest.report import LatencyHistogram, SeqRanges, postgres_cpu_seconds
 from common.loadtest.run import run
 from common.transport.bus import Bus, connect_redis
-from tests.support.harness import ROOT, SECRET, Cluster
+from tests.support.harness import ROOT, SECRET, Cluster, free_port
 
 # --- pure bookkeeping ------------------------------------------------------------------
 
@@ -202,3 +202,36 @@ async def test_chat_mode_matches_acks_and_replies(cluster: Cluster, settings: Se
     assert report.expected == 4 * report.chat["acked"]
     assert report.lost == 0
     assert report.error_count == 0
+
+
+async def test_the_benchmarks_baseline_forwarder_delivers_every_publish(
+    env: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    # scripts/bench.py's ratios are against this forwarder, driven by the same generator
+    # (which publishes through fanout's delivery script, stamp included): if it stopped
+    # delivering, every ratio would be against nothing.
+    port = free_port()
+    log = (tmp_path / "forwarder.log").open("wb")
+    forwarder = subprocess.Popen(
+        [sys.executable, "scripts/baseline_forwarder.py", "--port", str(port)],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        report = await run(_config([f"ws://127.0.0.1:{port}/ws"], connections=20), settings)
+    finally:
+        forwarder.terminate()
+        forwarder.wait(10)
+        log.close()
+    assert report.published > 0
+    assert report.delivered == report.expected == 2 * report.published
+    assert (report.lost, report.duplicated, report.out_of_order) == (0, 0, 0)
