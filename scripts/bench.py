@@ -1,6 +1,6 @@
 """The README benchmark table in one command: local clusters, `fanout loadtest`, a baseline.
 
-    .venv/bin/python scripts/bench.py            # full run, about 10 minutes
+    .venv/bin/python scripts/bench.py            # full run, about 15 minutes
     .venv/bin/python scripts/bench.py --quick    # one short run of each, about 2 minutes
 
 It starts each cluster itself on this machine (nodes, 2 workers for fanout), in a
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--idle-connections", type=int, default=None, help="default 10000")
     parser.add_argument("--chat-rate", type=float, default=None, help="chats/s (default 1000)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds (default 660)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds (default 1500)")
     parser.add_argument("--only", default=None, help="run specs whose name contains this")
     parser.add_argument(
         "--kinds",
@@ -94,7 +94,7 @@ def main() -> None:
     args.runs = args.runs or (1 if args.quick else 3)
     args.idle_connections = args.idle_connections or (2000 if args.quick else 10_000)
     args.chat_rate = args.chat_rate or (300.0 if args.quick else 1000.0)
-    budget = args.budget or (200.0 if args.quick else 660.0)
+    budget = args.budget or (200.0 if args.quick else 1500.0)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, FD_LIMIT)), hard))
 
