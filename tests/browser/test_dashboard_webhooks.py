@@ -6,8 +6,7 @@ from playwright.async_api import Page, expect
 
 from tests.support.api import ADMIN
 from tests.support.harness import Cluster, connect, create_session, is_type
-from tests.support.webhook_receiver import receiving
-from tests.worker.test_webhooks import HOOK_SECRET, _hooks
+from tests.support.webhook_receiver import HOOK_SECRET, hook_settings, receiving
 
 WAIT_MS = 15_000
 
@@ -15,7 +14,7 @@ WAIT_MS = 15_000
 async def test_dashboard_lists_webhook_dead_letters(cluster: Cluster, page: Page) -> None:
     async with receiving(HOOK_SECRET) as rx:
         rx.failing = True  # every attempt is a 500: after a second, dead letters
-        hooks = _hooks(rx.url, FANOUT_WEBHOOK_MAX_AGE="1")
+        hooks = hook_settings(rx.url, FANOUT_WEBHOOK_MAX_AGE="1")
         node = await cluster.node(**hooks)
         await cluster.worker(**hooks)
         session_id = await create_session(node, "ann", agent="human")

@@ -20,6 +20,21 @@ from aiohttp import web
 
 from worker.webhooks.signing import verify
 
+HOOK_SECRET = "webhook-secret-for-tests"
+
+
+def hook_settings(url: str, **more: str) -> dict[str, str]:
+    """Settings of a node or worker that sends webhooks to `url`, retrying quickly."""
+    return {
+        "FANOUT_WEBHOOK_URL": url,
+        "FANOUT_WEBHOOK_SECRET": HOOK_SECRET,
+        "FANOUT_WEBHOOK_POLL": "0.05",
+        "FANOUT_WEBHOOK_RETRY_BASE": "0.05",
+        "FANOUT_WEBHOOK_RETRY_CAP": "0.3",
+        "FANOUT_WEBHOOK_TIMEOUT": "2",
+        **more,
+    }
+
 
 @dataclass
 class Delivery:

@@ -29,23 +29,8 @@ from tests.support.harness import (
     is_type,
     open_client,
 )
-from tests.support.webhook_receiver import Receiver, receiving
+from tests.support.webhook_receiver import HOOK_SECRET, Receiver, hook_settings, receiving
 from worker.webhooks.signing import signature, verify
-
-HOOK_SECRET = "webhook-secret-for-tests"
-
-
-def _hooks(url: str, **more: str) -> dict[str, str]:
-    """Settings of a node or worker that sends webhooks to `url`, retrying quickly."""
-    return {
-        "FANOUT_WEBHOOK_URL": url,
-        "FANOUT_WEBHOOK_SECRET": HOOK_SECRET,
-        "FANOUT_WEBHOOK_POLL": "0.05",
-        "FANOUT_WEBHOOK_RETRY_BASE": "0.05",
-        "FANOUT_WEBHOOK_RETRY_CAP": "0.3",
-        "FANOUT_WEBHOOK_TIMEOUT": "2",
-        **more,
-    }
 
 
 def _first_of_each(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,8 +63,8 @@ def test_signature_is_hmac_sha256_of_timestamp_and_body() -> None:
 
 async def test_events_are_signed_ordered_and_shaped_like_the_api(cluster: Cluster) -> None:
     async with receiving(HOOK_SECRET) as rx:
-        node = await cluster.node(**_hooks(rx.url))
-        await cluster.worker(**_hooks(rx.url))
+        node = await cluster.node(**hook_settings(rx.url))
+        await cluster.worker(**hook_settings(rx.url))
         session_id = await create_session(node, "olga", ["bert"])
         one = f"/api/v1/sessions/{session_id}"
         async with connect(node, "olga", "o1") as olga:
@@ -128,8 +113,8 @@ async def test_each_sessions_events_arrive_in_order_through_failed_attempts(
 ) -> None:
     async with receiving(HOOK_SECRET) as rx:
         rx.fail_first = 2  # every event fails twice before it is taken
-        node = await cluster.node(**_hooks(rx.url))
-        await cluster.worker(**_hooks(rx.url))
+        node = await cluster.node(**hook_settings(rx.url))
+        await cluster.worker(**hook_settings(rx.url))
         owners = [f"u{k}" for k in range(3)]
         sessions = [await create_session(node, owner, agent="human") for owner in owners]
         clients = [await _open(node, owner) for owner in owners]
@@ -157,8 +142,8 @@ async def test_each_sessions_events_arrive_in_order_through_failed_attempts(
 async def test_a_receiver_that_was_down_gets_every_event(cluster: Cluster) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/hooks"
-    node = await cluster.node(**_hooks(url))
-    worker = await cluster.worker(**_hooks(url))
+    node = await cluster.node(**hook_settings(url))
+    worker = await cluster.worker(**hook_settings(url))
     session_id = await create_session(node, "olga", agent="human")
     async with connect(node, "olga", "o1") as olga:
         for n in range(5):
@@ -183,7 +168,7 @@ async def test_a_receiver_that_was_down_gets_every_event(cluster: Cluster) -> No
 async def test_a_hanging_receiver_holds_only_its_delivery_slots(cluster: Cluster) -> None:
     async with receiving(HOOK_SECRET) as rx:
         rx.hanging = True  # no answer within the minute-long timeout
-        hooks = _hooks(rx.url, FANOUT_WEBHOOK_TIMEOUT="60", FANOUT_WEBHOOK_CONCURRENCY="2")
+        hooks = hook_settings(rx.url, FANOUT_WEBHOOK_TIMEOUT="60", FANOUT_WEBHOOK_CONCURRENCY="2")
         node = await cluster.node(**hooks)
         worker = await cluster.worker(**hooks)
         sessions = [await create_session(node, f"h{k}") for k in range(4)]
@@ -216,7 +201,7 @@ async def test_a_killed_worker_loses_no_acked_chats_event(
     cluster: Cluster, redis: aioredis.Redis, namespace: str
 ) -> None:
     async with receiving(HOOK_SECRET) as rx:
-        hooks = _hooks(rx.url)
+        hooks = hook_settings(rx.url)
         node = await cluster.node(**hooks)
         workers = [await cluster.worker(**hooks) for _ in range(2)]
         users = [f"k{k}" for k in range(10)]
@@ -248,7 +233,7 @@ async def test_dead_letters_after_the_maximum_age_and_the_session_goes_on(
 ) -> None:
     async with receiving(HOOK_SECRET) as rx:
         rx.failing = True
-        hooks = _hooks(rx.url, FANOUT_WEBHOOK_MAX_AGE="1")
+        hooks = hook_settings(rx.url, FANOUT_WEBHOOK_MAX_AGE="1")
         node = await cluster.node(**hooks)
         worker = await cluster.worker(**hooks)
         session_id = await create_session(node, "olga", agent="human")

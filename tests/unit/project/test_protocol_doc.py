@@ -10,7 +10,7 @@ from common.config import Settings
 from common.protocol import CloseCode, ErrorCode, ProtocolError, parse_client_frame
 from node.app import WEBSOCKET
 
-DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+DOC = (Path(__file__).resolve().parents[3] / "docs" / "protocol.md").read_text()
 
 
 def section(title: str) -> str:
