@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -138,3 +141,57 @@ async def test_a_refused_connection_is_an_os_error_the_dispatcher_reports() -> N
     await server.wait_closed()
     with pytest.raises(ConnectionRefusedError):
         await HookClient(f"http://127.0.0.1:{port}/", keep=1).post(b"{}", {})
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost (and its key) that no default trust store knows."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    names = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+    subprocess.run(
+        [*request, *names, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def _serve_tls(cert: Path, key: Path, got: list[bytes]) -> AsyncIterator[str]:
+    async def receive(request: web.Request) -> web.StreamResponse:
+        got.append(await request.read())
+        return web.Response(status=204)
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    try:
+        yield f"https://localhost:{runner.addresses[0][1]}/hook"
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_receivers_are_reached_over_verified_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Receivers are https in production: the client speaks TLS and verifies the
+    # certificate against the default trust store (here made to hold the test's own).
+    cert, key = _self_signed(tmp_path)
+    got: list[bytes] = []
+    async for url in _serve_tls(cert, key, got):
+        untrusted = HookClient(url, keep=1)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusted.post(b"{}", {})
+        assert got == [], "nothing sent to a receiver whose certificate is not trusted"
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = HookClient(url, keep=1)
+        assert await trusted.post(b'{"n": 1}', {"Content-Type": "application/json"}) == 204
+        assert await trusted.post(b'{"n": 2}', {}) == 204
+        trusted.close()
+        assert got == [b'{"n": 1}', b'{"n": 2}']
