@@ -5,8 +5,8 @@ transaction costs about eight round trips and a WAL flush per message, and a sha
 transaction of separate statements still cost five (BEGIN, lock, insert, activity,
 COMMIT): on this 2-vCPU VM each round trip is tens of µs of CPU in system calls, on
 both ends. `write_batch` takes whatever entries are ready together and writes them
-with one call of `fanout_write_batch_v2` (common/store/schema.py, migration 5), in
-autocommit: the call is its own transaction, and one round trip however many entries.
+with one call of `fanout_write_batch_v2` (common/store/migrations/m5_write_batch_v2.py),
+in autocommit: the call is its own transaction, and one round trip however many entries.
 
 Inside, in order, each statement with a fresh snapshot: lock the chats' sessions in
 id order (PATCH transitions serialise with it); take two ids per chat; insert every

@@ -1,6 +1,6 @@
 """The webhook outbox: events committed with their change, until delivered (SPEC §10).
 
-Writing. Triggers of migration 4 (common/store/schema.py) insert a row for every
+Writing. Triggers of migration 4 (common/store/migrations/m4_outbox.py) insert a row for every
 stored message (`message.created`), every change of a session's status, agent or
 participants (`session.updated`) and every deleted session (`session.deleted`), in
 the transaction of the change: a change that rolls back leaves no event, and a
