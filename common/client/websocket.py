@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import urlencode, urlsplit
 
+from common.httphead import parse_response_head
 from common.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -165,20 +166,16 @@ class WebSocket(asyncio.Protocol):
             if len(self._buffer) > MAX_HANDSHAKE_BYTES:
                 self._refuse(0, "handshake response too large")
             return
-        head, rest = self._buffer[:end].decode("latin-1"), self._buffer[end + 4 :]
+        head, rest = self._buffer[:end], self._buffer[end + 4 :]
         self._buffer = b""
-        status_line, *lines = head.split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            self._refuse(0, f"not an HTTP response: {status_line[:80]!r}")
+        try:
+            response = parse_response_head(head)
+        except ValueError as exc:
+            self._refuse(0, str(exc))
             return
-        status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers = response.status, response.headers
         if status != 101:
-            self._refuse(status, reason)
+            self._refuse(status, response.reason)
             return
         if headers.get("upgrade", "").lower() != "websocket":
             self._refuse(status, "101 without Upgrade: websocket")

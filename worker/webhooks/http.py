@@ -22,6 +22,8 @@ import ssl
 
 from yarl import URL
 
+from common.httphead import parse_response_head
+
 # Bytes of an answer's body read so its connection can be reused; a longer one closes it.
 ANSWER_READ = 4096
 # The longest status line and headers of an answer.
@@ -110,22 +112,17 @@ class _Stale(Exception):
 
 def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
     """(status, body length or None if not known up front, keep the connection)."""
-    lines = head.split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    code = rest[:3]
-    if not version.startswith(b"HTTP/1.") or not code.isdigit():
-        raise HookError(f"not an HTTP answer: {lines[0][:80]!r}")
-    status = int(code)
-    fields: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        fields[name.strip().lower()] = value.strip().lower()
-    keep = version == b"HTTP/1.1" and fields.get(b"connection") != b"close"
+    try:
+        answer = parse_response_head(head)
+    except ValueError as exc:
+        raise HookError(str(exc)) from exc
+    fields = answer.headers
+    keep = answer.version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     length: int | None = None
-    if status in (204, 304):
+    if answer.status in (204, 304):
         length = 0
-    elif b"transfer-encoding" not in fields and (declared := fields.get(b"content-length")):
+    elif "transfer-encoding" not in fields and (declared := fields.get("content-length")):
         if not declared.isdigit():
             raise HookError(f"a bad Content-Length: {declared[:40]!r}")
         length = int(declared)
-    return status, length, keep
+    return answer.status, length, keep
