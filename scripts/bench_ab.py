@@ -17,7 +17,6 @@ Uses Redis and Postgres at the default addresses, in a namespace and database of
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import statistics
 import subprocess
@@ -26,12 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_cluster import free_port, spawn, stop_process_groups, wait_listening  # noqa: E402
+from bench_cluster import (  # noqa: E402
+    free_port,
+    run_loadtest,
+    spawn,
+    stop_process_groups,
+    wait_listening,
+)
 from bench_trees import alternate, parse_trees, scratch_database, scratch_env  # noqa: E402
 
 NODES = 2
@@ -48,23 +51,12 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
             nodes.append((spawn(command, node_env, logs / f"{tag}-node{i}.log", cwd=tree), port))
         wait_listening(nodes, f"{tag}: a node did not start (logs in {logs})", timeout=30)
         time.sleep(1.0)  # the start-up settles before the RSS baseline is read
-        cmd = [sys.executable, "-m", "common.cli", "loadtest", "--json", "--quiet"]
+        cmd = ["-m", "common.cli", "loadtest", "--json", "--quiet"]
         cmd += ["--mode", args.mode, "--connections", str(args.connections)]
         cmd += ["--processes", "2", "--duration", str(args.duration)]
         for proc, port in nodes:
             cmd += ["--url", f"ws://127.0.0.1:{port}/ws", "--server-pid", str(proc.pid)]
-        done = subprocess.run(
-            cmd,
-            env={**os.environ, **env},
-            cwd=tree if args.tree_generator else ROOT,
-            capture_output=True,
-            timeout=600,
-            check=False,
-        )
-        if not done.stdout.strip():
-            raise RuntimeError(f"loadtest exited {done.returncode}: {done.stderr.decode()[-500:]}")
-        report: dict[str, Any] = orjson.loads(done.stdout)
-        return report
+        return run_loadtest(cmd, env, timeout=600, cwd=tree if args.tree_generator else ROOT)
     finally:
         stop_process_groups((proc for proc, _ in nodes), timeout=30)
 

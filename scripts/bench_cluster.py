@@ -193,9 +193,21 @@ def loadtest(cluster: Cluster, scenario: Scenario, env: dict[str, str]) -> dict[
     args += ["--mode", mode, "--connections", str(scenario.connections)]
     args += ["--duration", str(scenario.duration), "--rate", str(scenario.rate)]
     args += ["--processes", str(scenario.processes), "--settle", str(scenario.settle)]
-    limit = scenario.duration + scenario.settle + 180
+    return run_loadtest(args[1:], env, timeout=scenario.duration + scenario.settle + 180)
+
+
+def run_loadtest(
+    args: list[str], env: dict[str, str], *, timeout: float, cwd: Path | str = ROOT
+) -> dict[str, Any]:
+    """`python ARGS` (a `fanout loadtest --json` command line), `env` over this process'
+    environment; its JSON report, or RuntimeError with the end of what it printed."""
     done = subprocess.run(
-        args, env={**os.environ, **env}, cwd=ROOT, capture_output=True, timeout=limit, check=False
+        [sys.executable, *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
     )
     if not done.stdout.strip():
         raise RuntimeError(f"loadtest exited {done.returncode}: {done.stderr.decode()[-500:]}")

@@ -18,21 +18,23 @@ database of its own, removed at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_cluster import free_port, spawn, stop_process_groups, wait_listening  # noqa: E402
+from bench_cluster import (  # noqa: E402
+    free_port,
+    run_loadtest,
+    spawn,
+    stop_process_groups,
+    wait_listening,
+)
 from bench_trees import alternate, parse_trees, scratch_database, scratch_env  # noqa: E402
 
 
@@ -46,22 +48,11 @@ def run_once(tree: str, env: dict[str, str], args: argparse.Namespace, tag: str)
     try:
         wait_listening([(node, port)], f"{tag}: the node did not start (log in {logs})", 30)
         time.sleep(1.0)  # the start-up settles before the RSS baseline is read
-        cmd = [sys.executable, "-m", "common.cli", "loadtest", "--json", "--quiet"]
+        cmd = ["-m", "common.cli", "loadtest", "--json", "--quiet"]
         cmd += ["--mode", "idle", "--connections", str(args.connections)]
         cmd += ["--processes", "2", "--duration", str(args.duration)]
         cmd += ["--url", f"ws://127.0.0.1:{port}/ws", "--server-pid", str(node.pid)]
-        done = subprocess.run(
-            cmd,
-            env={**os.environ, **env},
-            cwd=ROOT,
-            capture_output=True,
-            timeout=args.duration + 300,
-            check=False,
-        )
-        if not done.stdout.strip():
-            raise RuntimeError(f"loadtest exited {done.returncode}: {done.stderr.decode()[-500:]}")
-        report: dict[str, Any] = orjson.loads(done.stdout)
-        return report
+        return run_loadtest(cmd, env, timeout=args.duration + 300)
     finally:
         stop_process_groups([node], timeout=30)
 
