@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support.harness import Cluster, connect, create_session, is_type
+from tests.support.api import request
+from tests.support.harness import Cluster, connect, create_session, is_type, token
 
 
 async def test_typing_goes_to_everyone_but_the_typing_device(cluster: Cluster) -> None:
@@ -64,3 +65,29 @@ async def test_presence_tells_the_users_other_devices(cluster: Cluster) -> None:
             assert not [f for f in a2.frames if f["type"] == "presence"], "not to itself"
         offline = await a1.until(is_type("presence"))
         assert offline["status"] == "offline" and offline["device_id"] == "a2"
+
+
+async def test_held_devices_stay_online_across_leases_and_a_killed_nodes_lapse(
+    cluster: Cluster,
+) -> None:
+    # SPEC §3: presence entries expire after FANOUT_LEASE_TTL unless their node renews
+    # them (node/app.py: a round every half lease). With a 1 s lease, 4 s online is
+    # several renewals; a SIGKILLed node renews nothing, and its device is gone in a lease.
+    cluster.env = {**cluster.env, "FANOUT_LEASE_TTL": "1"}
+    live, doomed = await cluster.node(), await cluster.node()
+
+    async def online() -> set[str]:
+        status, body = await request(live, "GET", "/api/v1/presence/lea", auth=token("lea"))
+        assert status == 200, body
+        return {d["device_id"] for d in body["devices"]}
+
+    async with connect(live, "lea", "phone"), connect(doomed, "lea", "laptop"):
+        for _ in range(4):
+            await asyncio.sleep(1)
+            assert await online() == {"phone", "laptop"}
+        doomed.kill()
+        async with asyncio.timeout(5):
+            while await online() != {"phone"}:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)
+        assert await online() == {"phone"}, "the live node's device stays"
