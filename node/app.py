@@ -12,6 +12,7 @@ from aiohttp import web
 
 from common.auth import TokenVerifier
 from common.config import Settings
+from common.errors import SERVICE_DOWN
 from common.gcpause import freeze_startup_objects
 from common.protocol import CloseCode
 from common.runtime import raise_if_cancelled
@@ -158,14 +159,19 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                     if settings.subscription_mode == "pattern":
                         await subscriber.psubscribe(keys.user_channel_pattern.encode())
                     freeze_startup_objects()
-                    refresher = asyncio.create_task(_refresh_devices(state), name="devices")
+                    keepers = [
+                        asyncio.create_task(_announce_node(state), name="node-alive"),
+                        asyncio.create_task(_refresh_devices(state), name="devices"),
+                    ]
                     try:
                         yield
                     finally:
-                        refresher.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await refresher
+                        for keeper in keepers:
+                            keeper.cancel()
+                        await asyncio.gather(*keepers, return_exceptions=True)
                         await depart_all(state, DEPART_WITHIN)
+                        with contextlib.suppress(*SERVICE_DOWN):
+                            await devices.retire()
                         await state.eraser.close()
                         await hub.close()
         finally:
@@ -174,17 +180,30 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
     return ctx
 
 
+async def _announce_node(state: NodeState) -> None:
+    """Keep this node run alive in Redis every third of the lease: the devices it holds
+    are online while it is (node/presence.py), and lapse within the lease once it dies."""
+    interval = state.settings.lease_ttl / 3
+    while True:
+        try:
+            await state.devices.announce()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("node liveness renewal failed: %s", exc)
+        await asyncio.sleep(interval)
+
+
 async def _refresh_devices(state: NodeState) -> None:
-    """Keep this node's device leases alive; a dead node's devices expire with them.
+    """Renew the devices' own leases (the backstop behind the node's liveness) and close
+    held connections whose device another connection holds now (a lost `replace`).
 
     A round renews every device, its chunk at its place in the round (node/presence.py);
-    a round starts every half lease and is spread over the first half of that, so two
-    renewals of a device are at most three quarters of the lease apart wherever it
-    moves in the list. (Rounds every third of the lease, spread over all of it, left a
-    third of the lease to spare but cost half as much again: at 10,000 idle devices the
-    renewal is most of a node's CPU, scripts/bench_idle_cpu.py.)
+    a round starts every half of the device lease and is spread over the first half of
+    that, so two renewals of a device are at most three quarters of its lease apart
+    wherever it moves in the list.
     """
-    interval = state.settings.lease_ttl / 2
+    interval = state.devices.device_lease / 2
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()

@@ -1,18 +1,29 @@
 """The cluster-wide device registry: the device limit per user, presence, and liveness.
 
 Each user has a sorted set of device ids scored by when they expire, and a hash of
-which connection (on which node) holds each device. Nodes refresh the scores of the
-devices they hold; a node that dies stops refreshing, so its devices drop out within
-the lease time and never linger as ghosts.
+which connection (on which node, and which run of it) holds each device. A device is
+online while its score is in the future and the node run holding it is alive.
 
-The refresh goes in chunks spread over the refresh interval: renewing 5,000 devices
-as one 15,000-command pipeline held a node's event loop for tens of milliseconds
-every few seconds, and every delivery on that node waited behind it.
+Liveness is per node, not per device: every node keeps one entry of its own alive in
+a sorted set (`Keys.presence_nodes`, its run's id scored by when it lapses), renewed
+every third of FANOUT_LEASE_TTL. A node that dies stops renewing it, so its devices
+drop out within the lease without any per-device traffic, and never linger as ghosts:
+presence reads leave them out, and a claim that would pass the device limit evicts
+them. The devices' own scores are a backstop (DEVICE_LEASES node leases, renewed at
+half of that), which bounds a device whose node's entry is lost with Redis' data, and
+keeps the users' keys from expiring under a long-lived connection. Renewing 10,000
+devices every 5 s was most of an idle node's CPU (scripts/bench_idle_cpu.py); the
+node's own entry costs one command per renewal whatever it holds.
+
+The device refresh goes in chunks spread over its interval: renewing 5,000 devices
+as one 15,000-command pipeline held a node's event loop for tens of milliseconds,
+and every delivery on that node waited behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,14 +42,29 @@ from common.transport.connection import (
 from common.transport.keys import Keys, user_tag
 
 # KEYS: devices zset, device->connection hash
-# ARGV: device, holder, now ms, expires ms, max devices, key ttl s
-# Returns {1 came online | 0 was online | -1 over the limit, the holder it replaces?}
+# ARGV: device, holder, now ms, expires ms, max devices, key ttl s, then the holders to
+#       evict first (their node run is dead)
+# Returns {1 came online | 0 was online, the holder it replaces?} or, over the limit,
+# {-1, the holders of the devices counted}.
 _JOIN = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 for _, device in ipairs(expired) do redis.call('HDEL', KEYS[2], device) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if #ARGV > 6 then
+  local dead = {}
+  for i = 7, #ARGV do dead[ARGV[i]] = true end
+  local held = redis.call('HGETALL', KEYS[2])
+  for i = 1, #held, 2 do
+    if dead[held[i + 1]] and held[i] ~= ARGV[1] then
+      redis.call('HDEL', KEYS[2], held[i])
+      redis.call('ZREM', KEYS[1], held[i])
+    end
+  end
+end
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return {-1} end
+if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then
+  return {-1, unpack(redis.call('HVALS', KEYS[2]))}
+end
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -80,6 +106,11 @@ for n = 1, #KEYS / 2 do
 end
 return replaced
 """
+
+# A device's own lease, in node leases (FANOUT_LEASE_TTL): the backstop behind its
+# node's liveness, renewed every half of it. It is also how often a node checks that
+# the devices it holds are still its own (a `replace` command that was lost).
+DEVICE_LEASES = 12
 
 # Devices renewed per round trip: one script call (or, on a Redis Cluster, one
 # pipeline) costs the node ~0.5 ms of loop time at this size on the shared
@@ -153,9 +184,14 @@ class DeviceRegistry:
         self._cluster = cluster
         self._keys = keys
         self._node_id = node_id
-        self._lease_ms = int(lease_ttl * 1000)
-        self._key_ttl = max(int(lease_ttl * 3), 10)
+        # This run of the node: a node restarted under the same FANOUT_NODE_ID is
+        # another run, and the devices its previous run held are dead.
+        self._run = f"{node_id}#{secrets.token_hex(6)}"
+        self._node_lease_ms = int(lease_ttl * 1000)
+        self._lease_ms = int(lease_ttl * DEVICE_LEASES * 1000)
+        self._key_ttl = max(int(lease_ttl * DEVICE_LEASES * 3), 10)
         self._max_devices = max_devices
+        self._announced = False
         self._join = redis.register_script(_JOIN)
         self._leave = redis.register_script(_LEAVE)
         self._renew = redis.register_script(_RENEW)
@@ -165,17 +201,73 @@ class DeviceRegistry:
             keys.devices("").removesuffix("}").encode(),
             keys.device_conns("").removesuffix("}").encode(),
         )
-        self._holder_suffix = f" {node_id}".encode()
+        self._holder_suffix = f" {self._run}".encode()
+
+    @property
+    def device_lease(self) -> float:
+        """Seconds a device's own lease lasts (its refresh comes every half of it)."""
+        return self._lease_ms / 1000
 
     def _holder(self, conn_id: str) -> str:
-        return f"{conn_id} {self._node_id}"
+        return f"{conn_id} {self._run}"
+
+    async def announce(self) -> None:
+        """Keep this node run alive for another lease; forget runs long dead.
+
+        Called every third of the lease, and before the first claim: a device is
+        claimed only by a run that is already alive."""
+        now = int(time.time() * 1000)
+        key = self._keys.presence_nodes
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {self._run: now + self._node_lease_ms})
+            # A run missing from the set counts as dead too: its entry can go once no
+            # device of it can be alive by its own lease either.
+            pipe.zremrangebyscore(key, "-inf", now - self._lease_ms)
+            pipe.expire(key, self._key_ttl)
+            await pipe.execute()
+        self._announced = True
+
+    async def retire(self) -> None:
+        """This run stops: its devices are offline at once (after a clean stop there
+        are none left; after a failed drain, the ones left behind)."""
+        await self._redis.zrem(self._keys.presence_nodes, self._run)
+
+    async def dead(self, holders: Sequence[bytes | str | None]) -> set[str]:
+        """The holders (as stored) whose node run is not alive now."""
+        runs = {h: _run_of(_text(h)) for h in holders if h is not None}
+        named = sorted({run for run in runs.values() if run})
+        if not named:
+            return set()
+        scores = await self._redis.zmscore(self._keys.presence_nodes, named)
+        now = time.time() * 1000
+        alive = {run for run, score in zip(named, scores, strict=True) if score and score > now}
+        return {_text(h) for h, run in runs.items() if run and run not in alive}
 
     async def claim(self, user_id: str, device_id: str, conn_id: str) -> Claim:
         """Make `conn_id` the device's holder, unless that would pass the device limit.
 
         A device has one holder: a second connection of the same (user, device)
-        replaces the first, which the caller closes (SPEC §4: 1008 `replaced`).
+        replaces the first, which the caller closes (SPEC §4: 1008 `replaced`). Devices
+        of dead node runs count toward the limit no longer: over it, they are evicted
+        and the claim is tried again.
         """
+        if not self._announced:
+            await self.announce()
+        reply = await self._run_join(user_id, device_id, conn_id, [])
+        if int(reply[0]) < 0:
+            evict = sorted(await self.dead(reply[1:]))
+            if evict:
+                reply = await self._run_join(user_id, device_id, conn_id, evict)
+        if int(reply[0]) < 0:
+            return Claim(-1)
+        replaced = None
+        if len(reply) > 1:
+            replaced = _holder_of(_text(reply[1]))
+        return Claim(int(reply[0]), replaced)
+
+    async def _run_join(
+        self, user_id: str, device_id: str, conn_id: str, evict: list[str]
+    ) -> list[Any]:
         now = int(time.time() * 1000)
         keys = [self._keys.devices(user_id), self._keys.device_conns(user_id)]
         args: list[str | int] = [
@@ -185,16 +277,13 @@ class DeviceRegistry:
             now + self._lease_ms,
             self._max_devices,
             self._key_ttl,
+            *evict,
         ]
         if self._commands is not None:
             reply = await run_script(self._commands, self._join, keys, args)
         else:
             reply = await self._join(keys=keys, args=args)
-        replaced = None
-        if len(reply) > 1:
-            held_by, _, node_id = _text(reply[1]).partition(" ")
-            replaced = Holder(held_by, node_id)
-        return Claim(int(reply[0]), replaced)
+        return list(reply)
 
     async def release(self, user_id: str, device_id: str, conn_id: str) -> bool:
         """True if the device went offline (this connection was its holder)."""
@@ -283,7 +372,7 @@ class DeviceRegistry:
         ]
 
     async def online(self, user_id: str) -> list[dict[str, str]]:
-        """The user's live devices across the cluster."""
+        """The user's live devices across the cluster: in their lease, on a live node run."""
         now = int(time.time() * 1000)
         devices: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
             self._keys.devices(user_id), now, "+inf"
@@ -291,11 +380,33 @@ class DeviceRegistry:
         if not devices:
             return []
         holders: list[Any] = await self._redis.hmget(self._keys.device_conns(user_id), devices)
+        dead = await self.dead(holders)
         out = []
         for device, holder in zip(devices, holders, strict=True):
-            conn_id, _, node_id = (holder or b"").decode().partition(" ")
-            out.append({"device_id": device.decode(), "connection_id": conn_id, "node_id": node_id})
+            if holder is not None and _text(holder) in dead:
+                continue
+            held = _holder_of(_text(holder or b""))
+            out.append(
+                {
+                    "device_id": device.decode(),
+                    "connection_id": held.conn_id,
+                    "node_id": held.node_id,
+                }
+            )
         return out
+
+
+def _holder_of(stored: str) -> Holder:
+    """A stored holder: `<connection id> <node id>#<run>` (before node runs: `<connection
+    id> <node id>`, which only its device's own lease ends)."""
+    conn_id, _, run = stored.partition(" ")
+    return Holder(conn_id, run.rpartition("#")[0] or run)
+
+
+def _run_of(stored: str) -> str:
+    """The node run in a stored holder; "" for a holder written before node runs."""
+    run = stored.partition(" ")[2]
+    return run if "#" in run else ""
 
 
 def _text(value: bytes | str) -> str:

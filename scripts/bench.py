@@ -11,7 +11,8 @@ loadtest` (500 users x 2 devices, 64-byte payloads by default):
 - fanout at the maximum rate, `user` and `pattern` subscription modes, 1, 2 and 4 nodes,
   and the baseline forwarder (scripts/baseline_forwarder.py) at the same node counts;
 - fanout and the baseline on 2 nodes at fixed 4,000 and 10,000 deliveries/s (latency);
-- idle: 10,000 connections on 2 nodes, node RSS per connection (from /proc);
+- idle: 10,000 connections on 1 node (a fresh one each run), node RSS per connection
+  and CPU (from /proc);
 - chat on 2 nodes + 2 workers at a fixed rate (send -> ack, send -> reply on all devices);
 - `redis`: Redis CPU per delivery against a bare PUBLISH, the forwarder's cost
   (scripts/bench_redis.py), `handover`: reply latency while a worker joins and one
@@ -226,20 +227,24 @@ def measure(specs: list[Spec], env: dict[str, str], logs: Path, deadline: float)
                 r.failures.append("skipped: over the time budget")
             continue
         print(f"bench: {spec.name} ...", file=sys.stderr, flush=True)
-        with running(spec, env, logs) as cluster:
-            for result in pending:
-                for _ in range(result.scenario.runs):
-                    if time.monotonic() > deadline:
-                        result.failures.append("skipped: over the time budget")
-                        break
-                    try:
-                        report = loadtest(cluster, result.scenario, env)
-                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                        result.failures.append(str(exc).splitlines()[-1][:200])
-                        continue
-                    result.reports.append(report)
-                    _progress(result.scenario, report)
-                    clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
+        # Idle runs each start fresh processes: RSS per connection is read against the
+        # node's RSS before the run, which a previous run's freed sockets would lower.
+        fresh = any(r.scenario.kind == "idle" for r in pending)
+        for _ in range(max(r.scenario.runs for r in pending) if fresh else 1):
+            with running(spec, env, logs) as cluster:
+                for result in pending:
+                    for _ in range(1 if fresh else result.scenario.runs):
+                        if time.monotonic() > deadline:
+                            result.failures.append("skipped: over the time budget")
+                            break
+                        try:
+                            report = loadtest(cluster, result.scenario, env)
+                        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                            result.failures.append(str(exc).splitlines()[-1][:200])
+                            continue
+                        result.reports.append(report)
+                        _progress(result.scenario, report)
+                        clear_namespace(env["FANOUT_REDIS_URL"], env["FANOUT_NAMESPACE"])
     return results
 
 

@@ -104,12 +104,12 @@ def main() -> None:
     scenario = chat_scenario(args)
     spec = Spec("fanout", nodes=2)
     names = ["echo", "openai"]
-    names += ["openai+hooks"] if args.webhooks else []
+    names += ["openai+hooks", "echo+hooks"] if args.webhooks else []
     names += ["echo@tree"] if args.against else []
     names += ["openai+hooks@tree"] if args.against and args.webhooks else []
     if args.variants:
         chosen = args.variants.split(",")
-        known = {"echo", "openai", "openai+hooks"}
+        known = {"echo", "openai", "openai+hooks", "echo+hooks"}
         if chosen[0] != "echo" or not {n.removesuffix("@tree") for n in chosen} <= known:
             parser.error(f"--variants: echo first, then some of {sorted(known)} (or @tree)")
         if args.against is None and any(n.endswith("@tree") for n in chosen):
@@ -134,11 +134,9 @@ def main() -> None:
                 "FANOUT_ASSISTANT_HISTORY": str(args.history),
             },
         }
-        variants["openai+hooks"] = {
-            **variants["openai"],
-            "FANOUT_WEBHOOK_URL": hook_url,
-            "FANOUT_WEBHOOK_SECRET": secrets.token_urlsafe(32),
-        }
+        hooks = {"FANOUT_WEBHOOK_URL": hook_url, "FANOUT_WEBHOOK_SECRET": secrets.token_urlsafe(32)}
+        variants["openai+hooks"] = {**variants["openai"], **hooks}
+        variants["echo+hooks"] = {**variants["echo"], **hooks}
         variants |= {f"{name}@tree": env for name, env in variants.items()}
         for i in range(args.runs):
             order = names if i % 2 == 0 else names[::-1]

@@ -106,6 +106,12 @@ class Keys:
         return f"{self.ns}channel:probe:{node_id}"
 
     @property
+    def presence_nodes(self) -> str:
+        """Sorted set of the node runs alive, each scored by when its lease ends: the
+        devices a run holds are online while it is (node/presence.py)."""
+        return f"{self.ns}presence:nodes"
+
+    @property
     def sweeper_lease(self) -> str:
         """The expiry sweeper's lease (its value is the holder's worker id)."""
         return f"{self.ns}lease:sweeper"

@@ -106,7 +106,7 @@ def close_replaced(hub: Hub, user_id: str, conn_id: str) -> bool:
 async def replace(state: NodeState, user_id: str, holder: Holder) -> None:
     """Close the connection a newer one of its device replaces, wherever it is: here at
     once, on another node by a command (lost if that node's channel is down at the
-    moment; its lease refresh finds the newer holder then, node/app.py)."""
+    moment; its next device refresh finds the newer holder then, node/app.py)."""
     if holder.node_id == state.settings.node_id:
         close_replaced(state.hub, user_id, holder.conn_id)
         return

@@ -10,7 +10,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from common.transport.keys import Keys
-from node.presence import DeviceRegistry
+from node.presence import DEVICE_LEASES, DeviceRegistry
 from tests.support.api import request
 from tests.support.harness import Client, Cluster, Proc, is_type, open_client, token
 
@@ -106,10 +106,13 @@ async def test_a_device_reused_across_nodes_holds_one_socket_and_counts_once(
             await client.close()
 
 
-async def test_a_replaced_socket_whose_command_was_lost_goes_at_its_lease_refresh(
+async def test_a_replaced_socket_whose_command_was_lost_goes_at_its_device_refresh(
     cluster: Cluster, redis: aioredis.Redis, namespace: str
 ) -> None:
-    node = await cluster.node()  # FANOUT_LEASE_TTL=2: a refresh every 2/3 s
+    # FANOUT_LEASE_TTL=0.5: the devices' own leases last DEVICE_LEASES × 0.5 s, and the
+    # node checks its devices' holders every half of that.
+    node = await cluster.node(FANOUT_LEASE_TTL="0.5")
+    within = DEVICE_LEASES * 0.5 * 0.75 + 1
     client = await open_client(node, "ted", "phone")
     try:
         # Another node claims the device, and its `replace` command never arrives.
@@ -117,6 +120,6 @@ async def test_a_replaced_socket_whose_command_was_lost_goes_at_its_lease_refres
             redis, Keys(namespace), node_id="elsewhere", lease_ttl=2, max_devices=5
         )
         assert (await elsewhere.claim("ted", "phone", "c-lost")).replaced is not None
-        assert await _closed(client, within=3) == (1008, "replaced")
+        assert await _closed(client, within=within) == (1008, "replaced")
     finally:
         await client.close()

@@ -1,5 +1,6 @@
 """Device leases against the real Redis: the chunked refresh keeps held devices alive,
-lets the others lapse, and never brings a released device back."""
+lets the others lapse, and never brings a released device back; a dead node run's
+devices are offline and make room at the device limit."""
 
 from __future__ import annotations
 
@@ -177,3 +178,71 @@ async def test_refresh_loads_its_script_when_redis_does_not_have_it(
         assert await redis.script_exists(devices._renew.sha) == [True]
     finally:
         await commands.close()
+
+
+async def test_a_dead_node_runs_devices_are_offline_and_evicted_at_the_limit(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    keys = Keys(namespace)
+    # Two node runs under the same node id: the first died (its liveness entry ran
+    # out), the second is the node restarted. Their devices' own leases are long.
+    dead_run = registry(redis, namespace, cluster=False)
+    for device in ("d1", "d2", "d3", "d4"):
+        assert (await dead_run.claim("eve", device, f"old-{device}")).came_online
+    assert (await devices.claim("eve", "d5", "c5")).came_online
+    assert len(await devices.online("eve")) == 5
+    await redis.zadd(keys.presence_nodes, {dead_run._run: int(time.time() * 1000) - 1})
+
+    assert [d["device_id"] for d in await devices.online("eve")] == ["d5"]
+    # At the limit (5) by the devices' own leases: the dead run's are evicted, not counted.
+    claim = await devices.claim("eve", "d6", "c6")
+    assert claim.came_online and claim.replaced is None
+    assert sorted(await redis.hkeys(keys.device_conns("eve"))) == [b"d5", b"d6"]
+    # A live run's devices still count: four more fill the limit, the next is refused.
+    for n in range(7, 10):
+        assert (await devices.claim("eve", f"d{n}", f"c{n}")).came_online
+    assert (await devices.claim("eve", "d10", "c10")).refused
+
+
+async def test_a_retired_run_is_offline_at_once_and_a_run_never_announced_counts_dead(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    keys = Keys(namespace)
+    assert (await devices.claim("flo", "phone", "c1")).came_online
+    assert [d["node_id"] for d in await devices.online("flo")] == ["n1"]
+    await devices.retire()
+    assert await devices.online("flo") == []
+    # A holder naming a run that is not in the set (forgotten, or lost with Redis' data).
+    await devices.announce()
+    await redis.hset(keys.device_conns("flo"), "phone", "c1 n9#0123456789ab")
+    assert await devices.online("flo") == []
+
+
+async def test_a_holder_from_before_node_runs_lives_by_its_own_lease(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    # Written by a node of the previous release (`<connection> <node>`, a 10 s lease
+    # renewed per device), as during a rolling upgrade.
+    keys = Keys(namespace)
+    ends = int(time.time() * 1000) + 10_000
+    await redis.zadd(keys.devices("gus"), {"old": ends})
+    await redis.hset(keys.device_conns("gus"), "old", "c0 n0")
+    assert await devices.online("gus") == [
+        {"device_id": "old", "connection_id": "c0", "node_id": "n0"}
+    ]
+    await redis.zadd(keys.devices("gus"), {"old": int(time.time() * 1000) - 1})
+    assert await devices.online("gus") == []
+
+
+async def test_announce_forgets_runs_dead_longer_than_a_device_lease(
+    redis: aioredis.Redis, namespace: str, devices: DeviceRegistry
+) -> None:
+    keys = Keys(namespace)
+    now = int(time.time() * 1000)
+    long_dead = now - int(devices.device_lease * 1000) - 1
+    await redis.zadd(keys.presence_nodes, {"n0#long": long_dead, "n0#recent": now - 1})
+    await devices.announce()
+    runs = await redis.zrange(keys.presence_nodes, 0, -1, withscores=True)
+    assert {run for run, _ in runs} == {b"n0#recent", devices._run.encode()}
+    assert dict(runs)[devices._run.encode()] >= now + LEASE * 1000
+    assert 0 < await redis.ttl(keys.presence_nodes) <= devices.device_lease * 3

@@ -71,8 +71,9 @@ async def test_held_devices_stay_online_across_leases_and_a_killed_nodes_lapse(
     cluster: Cluster,
 ) -> None:
     # SPEC §3: presence entries expire after FANOUT_LEASE_TTL unless their node renews
-    # them (node/app.py: a round every half lease). With a 1 s lease, 4 s online is
-    # several renewals; a SIGKILLed node renews nothing, and its device is gone in a lease.
+    # them: each node keeps its run alive every third of the lease (node/app.py), its
+    # devices online while it is. With a 1 s lease, 4 s online is a dozen renewals; a
+    # SIGKILLed node renews nothing, and its device is gone within a lease.
     cluster.env = {**cluster.env, "FANOUT_LEASE_TTL": "1"}
     live, doomed = await cluster.node(), await cluster.node()
 
