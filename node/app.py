@@ -54,6 +54,9 @@ DRAIN_POLL = 0.05
 PEER_CLOSE_GRACE = 1.0
 # Seconds the cleanup waits for departing sockets' releases before Redis closes.
 DEPART_WITHIN = 2.0
+# Seconds the stop waits for Redis to drop this node run from presence; past it (Redis
+# down or frozen) the run lapses by itself within FANOUT_LEASE_TTL.
+RETIRE_WITHIN = 2.0
 
 
 WEBSOCKET = (
@@ -171,7 +174,8 @@ def _resources(settings: Settings):  # type: ignore[no-untyped-def]
                         await asyncio.gather(*keepers, return_exceptions=True)
                         await depart_all(state, DEPART_WITHIN)
                         with contextlib.suppress(*SERVICE_DOWN):
-                            await devices.retire()
+                            async with asyncio.timeout(RETIRE_WITHIN):
+                                await devices.retire()
                         await state.eraser.close()
                         await hub.close()
         finally:

@@ -12,7 +12,8 @@ ratio openai/echo. The fake (tests/support/fake_openai.py) runs in a thread of t
 and answers exactly what echo answers ("You said: <content>", three words a chunk),
 so the two differ only in the generator: the HTTP request, the SSE parsing and the
 history query. `--webhooks` adds openai with webhooks on (a local receiver that
-answers 204 at once), the whole of target 6. With `--against DIR` (another revision's
+answers 204 at once), the whole of target 6, and echo with webhooks on (what the
+webhooks alone cost). With `--against DIR` (another revision's
 tree) a variant runs that tree's workers with echo: what this tree's reply path costs
 echo itself; with `--webhooks` too, another runs that tree's workers with openai and
 webhooks on (openai+hooks@tree: a change to that path against the tree before it, same

@@ -123,9 +123,20 @@ def _most(found: list[float | None]) -> Spread | None:
     return None if s is None else Spread(s.high, s.low, s.high, s.runs)
 
 
+def redis_us_per_delivery(report: dict[str, Any]) -> float | None:
+    """Redis' CPU (INFO cpu: the whole server) over the window per delivery, µs."""
+    cores = dig(report, "loadtest", "redis_cpu_cores")
+    per_s = dig(report, "deliveries_per_s")
+    if cores is None or not per_s:
+        return None
+    return 1e6 * float(cores) / per_s
+
+
 def redis_rows(results: Sequence[Result], redis: Mapping[str, Any] | str) -> list[Row]:
-    """Target 2: Redis CPU per delivery against a bare PUBLISH (the redis side bench), and
-    the machine's maximum deliveries/s against the forwarder's (best node count each)."""
+    """Target 2: Redis CPU per delivery against a bare PUBLISH (the redis side bench: the
+    delivery script's own cost, no subscribers), against the forwarder's at the same fixed
+    rates (the fan-out rows: all of Redis' CPU, the nodes' pub/sub included), and the
+    machine's maximum deliveries/s against the forwarder's (best node count each)."""
     if isinstance(redis, str):
         ours = theirs = None
         why = f"redis side bench: {redis}"
@@ -146,6 +157,21 @@ def redis_rows(results: Sequence[Result], redis: Mapping[str, Any] | str) -> lis
             why,
         ),
     ]
+    for fixed in (4000.0, 10000.0):
+        ours_rate = find(results, "rate", "fanout", rate=fixed)
+        theirs_rate = find(results, "rate", "baseline", rate=fixed)
+        rows.append(
+            Row(
+                2,
+                f"Redis CPU per delivery at a fixed {fixed:,.0f}/s, 2 nodes, all of Redis'"
+                " CPU over the window (baseline: the forwarder)",
+                " µs",
+                spread(map(redis_us_per_delivery, ours_rate.reports if ours_rate else [])),
+                spread(map(redis_us_per_delivery, theirs_rate.reports if theirs_rate else [])),
+                Bound(2, True, of_ratio=True),
+                _either(ours_rate, theirs_rate, f"rate {fixed:,.0f}/s"),
+            )
+        )
     best: dict[str, Spread | None] = {}
     for system in ("fanout", "baseline"):
         found = [

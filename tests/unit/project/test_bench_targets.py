@@ -113,26 +113,32 @@ def test_a_skipped_scenario_is_not_measured_with_its_reason() -> None:
 
 
 def test_fanout_rows_against_the_forwarder() -> None:
-    def delivery(per_s: float, per_cpu: float, p99: float) -> dict[str, Any]:
+    def delivery(per_s: float, per_cpu: float, p99: float, redis: float = 0.1) -> dict[str, Any]:
         return {
             "deliveries_per_s": per_s,
             "servers": {"deliveries_per_cpu_s": per_cpu},
             "latency_ms": {"p99": p99},
+            "loadtest": {"redis_cpu_cores": redis},
         }
 
     results = [
         result("max", "fanout", [delivery(90_000, 60_000, 5)]),
         result("max", "baseline", [delivery(100_000, 20_000, 5)]),
         result("max", "fanout", [delivery(110_000, 50_000, 5)], nodes=4),
-        result("rate", "fanout", [delivery(4000, 0, 2.0)], 4000),
-        result("rate", "baseline", [delivery(4000, 0, 2.5)], 4000),
-        result("rate", "fanout", [delivery(10_000, 0, 3.0)], 10_000),
-        result("rate", "baseline", [delivery(10_000, 0, 2.5)], 10_000),
+        result("rate", "fanout", [delivery(4000, 0, 2.0, redis=0.16)], 4000),
+        result("rate", "baseline", [delivery(4000, 0, 2.5, redis=0.08)], 4000),
+        result("rate", "fanout", [delivery(10_000, 0, 3.0, redis=0.25)], 10_000),
+        result("rate", "baseline", [delivery(10_000, 0, 2.5, redis=0.1)], 10_000),
     ]
     redis = {"rate": 20_000, "runs": {"publish": [{"us_per_delivery": 2.0}], "this": []}}
     rows = target_rows(results, {"redis": redis}, 1000)
-    per_delivery, maximum = rows_of(2, rows)
+    per_delivery, redis_4k, redis_10k, maximum = rows_of(2, rows)
     assert per_delivery.verdict.startswith("not measured")
+    # Redis' CPU over the window per delivery: 0.16 cores at 4,000/s = 40 µs, twice the
+    # forwarder's 20 (met: ≤ 2×); at 10,000/s 25 µs against 10 (2.5×: not met).
+    assert redis_4k.value is not None and redis_4k.value.median == pytest.approx(40)
+    assert redis_4k.ratio == pytest.approx(2.0) and redis_4k.verdict == "met"
+    assert redis_10k.ratio == pytest.approx(2.5) and redis_10k.verdict == "not met"
     assert maximum.value is not None and maximum.value.median == 110_000  # best node count
     assert maximum.verdict == "met"
     per_cpu, at_4k, at_10k = rows_of(3, rows)
