@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import redis.asyncio as aioredis
+
+from common.transport.keys import Keys
 from tests.support.api import request
 from tests.support.harness import Cluster, connect, create_session, is_type, token
 
@@ -92,3 +96,32 @@ async def test_held_devices_stay_online_across_leases_and_a_killed_nodes_lapse(
                 await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)
         assert await online() == {"phone"}, "the live node's device stays"
+
+
+async def test_a_node_run_is_alive_while_it_serves_and_gone_after_a_clean_stop(
+    cluster: Cluster, redis: aioredis.Redis, namespace: str
+) -> None:
+    # Presence is per node run (node/presence.py): a serving node keeps its run in
+    # presence:nodes a lease ahead, a SIGTERM'd one takes it out as it stops, and a
+    # restart under the same FANOUT_NODE_ID is a run of its own.
+    keys = Keys(namespace)
+
+    async def runs() -> dict[str, float]:
+        found = await redis.zrange(keys.presence_nodes, 0, -1, withscores=True)
+        return {r.decode(): s for r, s in found if r.decode().startswith("steady#")}
+
+    async def one_run() -> tuple[str, float]:
+        async with asyncio.timeout(5):
+            while len(found := await runs()) != 1:
+                await asyncio.sleep(0.05)
+        return next(iter(found.items()))
+
+    node = await cluster.node("steady")
+    async with connect(node, "ria", "phone"):
+        first, lapses = await one_run()
+        assert lapses > time.time() * 1000  # FANOUT_LEASE_TTL ahead
+    assert node.terminate() == 0
+    assert await runs() == {}
+    node = await cluster.node("steady")
+    second, _ = await one_run()
+    assert second != first

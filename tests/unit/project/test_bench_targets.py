@@ -157,7 +157,8 @@ def test_idle_cores_are_per_node_per_10000_connections() -> None:
     }
     # 0.002 cores per node holding 1,000: 0.02 per 10,000.
     assert idle_cores_per_10k(report) == pytest.approx(0.02)
-    rss, cores = rows_of(4, target_rows([result("idle", "fanout", [report])], {}, 1000))
+    idle = [result("idle", "fanout", [report], nodes=1)]
+    rss, cores = rows_of(4, target_rows(idle, {}, 1000))
     assert rss.verdict == "met"
     assert cores.verdict == "not met"
 
