@@ -103,16 +103,18 @@ async def test_peers_silent_together_are_pinged_in_slices_not_one_burst() -> Non
     peers = [FakePeer() for _ in range(80)]
     for peer in peers:
         peer.pinged = False
-        heartbeat.watch(peer, 0.4)
+        heartbeat.watch(peer, 0.8)
     pinged_at: dict[int, float] = {}
     started = time.monotonic()
-    while len(pinged_at) < len(peers) and time.monotonic() - started < 2:
+    while len(pinged_at) < len(peers) and time.monotonic() - started < 3:
         await asyncio.sleep(0.005)
         for i, peer in enumerate(peers):
             if peer.pings and i not in pinged_at:
                 pinged_at[i] = time.monotonic() - started
     heartbeat.close()
     assert len(pinged_at) == 80, "every silent peer is pinged"
-    assert all(0.4 <= t <= 0.4 * 1.25 + 0.05 for t in pinged_at.values()), "within the quarter"
+    # 1 to 1.25 intervals into the silence; 0.1 s of slack for a busy machine's timers
+    # (a fresh-machine run missed the 0.05 s it had), still short of the next quarter.
+    assert all(0.8 <= t <= 0.8 * 1.25 + 0.1 for t in pinged_at.values()), "within the quarter"
     moments = sorted({round(t, 2) for t in pinged_at.values()})
     assert len(moments) >= Heartbeat.SLICES - 1, f"one burst, not slices: {moments}"
