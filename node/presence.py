@@ -234,7 +234,7 @@ class DeviceRegistry:
 
     async def dead(self, holders: Sequence[bytes | str | None]) -> set[str]:
         """The holders (as stored) whose node run is not alive now."""
-        runs = {h: _run_of(_text(h)) for h in holders if h is not None}
+        runs = {h: _parse_holder(_text(h))[1] for h in holders if h is not None}
         named = sorted({run for run in runs.values() if run})
         if not named:
             return set()
@@ -262,7 +262,7 @@ class DeviceRegistry:
             return Claim(-1)
         replaced = None
         if len(reply) > 1:
-            replaced = _holder_of(_text(reply[1]))
+            replaced = _parse_holder(_text(reply[1]))[0]
         return Claim(int(reply[0]), replaced)
 
     async def _run_join(
@@ -385,7 +385,7 @@ class DeviceRegistry:
         for device, holder in zip(devices, holders, strict=True):
             if holder is not None and _text(holder) in dead:
                 continue
-            held = _holder_of(_text(holder or b""))
+            held, _ = _parse_holder(_text(holder or b""))
             out.append(
                 {
                     "device_id": device.decode(),
@@ -396,17 +396,12 @@ class DeviceRegistry:
         return out
 
 
-def _holder_of(stored: str) -> Holder:
-    """A stored holder: `<connection id> <node id>#<run>` (before node runs: `<connection
-    id> <node id>`, which only its device's own lease ends)."""
+def _parse_holder(stored: str) -> tuple[Holder, str]:
+    """A stored holder and its node run: `<connection id> <node id>#<run>` (before node
+    runs `<connection id> <node id>`, run "": only its device's own lease ends it)."""
     conn_id, _, run = stored.partition(" ")
-    return Holder(conn_id, run.rpartition("#")[0] or run)
-
-
-def _run_of(stored: str) -> str:
-    """The node run in a stored holder; "" for a holder written before node runs."""
-    run = stored.partition(" ")[2]
-    return run if "#" in run else ""
+    node_id, mark, _ = run.rpartition("#")
+    return (Holder(conn_id, node_id), run) if mark else (Holder(conn_id, run), "")
 
 
 def _text(value: bytes | str) -> str:
